@@ -1,0 +1,1 @@
+"""Credit-scoring microservice: a Starlette app that scores, records and caches credit decisions."""
