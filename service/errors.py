@@ -1,0 +1,190 @@
+"""Every error the API can answer with, and its RFC 9457 problem response.
+
+    ServiceError                    any error with an HTTP answer
+    ├── BadRequest                  400  body is not JSON, not UTF-8, or empty
+    ├── Unauthorized                401  missing or wrong API key
+    ├── NotFound                    404  unknown decision id or path
+    ├── MethodNotAllowed            405
+    ├── Conflict                    409  same Idempotency-Key still in flight
+    ├── PayloadTooLarge             413  body over the route's limit
+    ├── UnsupportedMediaType        415  Content-Type is not JSON
+    ├── ValidationFailed            422  JSON of the wrong shape, type, range or enum
+    │   └── IdempotencyKeyReused    422  same Idempotency-Key, other body
+    └── ServiceUnavailable          503  system of record unreachable, or shutting down
+
+Storage and cache failures are StoreUnavailable (a ServiceUnavailable) and
+CacheError (never answered: the cache is best-effort).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import msgspec
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.schemas import Problem, ProblemError, encoder
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+RETRY_AFTER_SECONDS = 5
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status and a problem document."""
+
+    status = 500
+    title = "Internal Server Error"
+    slug = "internal-error"
+
+    def __init__(self, detail: str, errors: list[ProblemError] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class BadRequest(ServiceError):
+    """The body is not JSON, not UTF-8, or empty."""
+
+    status, title, slug = 400, "Malformed request body", "malformed-body"
+
+
+class Unauthorized(ServiceError):
+    """A missing or wrong API key."""
+
+    status, title, slug = 401, "Unauthorized", "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="credit-scoring"'}
+
+
+class NotFound(ServiceError):
+    """No such decision, or no such path."""
+
+    status, title, slug = 404, "Not found", "not-found"
+
+
+class MethodNotAllowed(ServiceError):
+    """The path exists but not for this method."""
+
+    status, title, slug = 405, "Method not allowed", "method-not-allowed"
+
+    def __init__(self, detail: str, allow: str = "") -> None:
+        super().__init__(detail)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow} if self.allow else {}
+
+
+class Conflict(ServiceError):
+    """A request with the same Idempotency-Key is still being processed."""
+
+    status, title, slug = 409, "Request in flight", "idempotency-key-in-flight"
+
+
+class PayloadTooLarge(ServiceError):
+    """The body is larger than the route accepts."""
+
+    status, title, slug = 413, "Payload too large", "payload-too-large"
+
+
+class UnsupportedMediaType(ServiceError):
+    """The Content-Type is not JSON."""
+
+    status, title, slug = 415, "Unsupported media type", "unsupported-media-type"
+
+
+class ValidationFailed(ServiceError):
+    """Well-formed JSON that is not a valid request."""
+
+    status, title, slug = 422, "Invalid request", "validation-error"
+
+
+class IdempotencyKeyReused(ValidationFailed):
+    """The Idempotency-Key was first used with another body."""
+
+    title, slug = "Idempotency-Key reused", "idempotency-key-reused"
+
+
+class ServiceUnavailable(ServiceError):
+    """The service cannot answer now; the client should retry."""
+
+    status, title, slug = 503, "Service unavailable", "service-unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(RETRY_AFTER_SECONDS)}
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The system of record did not answer in time."""
+
+
+class CacheError(Exception):
+    """The cache failed; callers log it, count it, and carry on without it."""
+
+
+# msgspec reports missing and unknown fields at the enclosing object's path; we
+# append the field so `errors[].path` names it, as for every other error.
+_FIELD_IN_MESSAGE = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]+)`")
+
+
+def from_validation_error(exc: msgspec.ValidationError) -> ValidationFailed:
+    message, sep, path = str(exc).rpartition(" - at `")
+    if sep:
+        path = path.rstrip("`")
+    else:
+        message, path = str(exc), "$"
+    field = _FIELD_IN_MESSAGE.match(message)
+    if field:
+        path = f"{path}.{field.group(1)}"
+    return ValidationFailed(
+        f"The request body is not valid: {message} at {path}.",
+        [ProblemError(path=path, message=message)],
+    )
+
+
+def problem_response(error: ServiceError) -> Response:
+    problem = Problem(
+        type=f"https://credit-scoring.example/problems/{error.slug}",
+        title=error.title,
+        status=error.status,
+        detail=error.detail,
+        errors=error.errors,
+    )
+    return Response(
+        encoder.encode(problem), status_code=error.status, headers=error.headers(), media_type=PROBLEM_MEDIA_TYPE
+    )
+
+
+async def handle_service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return problem_response(exc)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (routing) as problem documents."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return problem_response(NotFound(f"There is no resource at {request.url.path}."))
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        return problem_response(
+            MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}; allowed: {allow}.", allow)
+        )
+    error = ServiceError(str(exc.detail))
+    error.status, error.title = exc.status_code, str(exc.detail)
+    return problem_response(error)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    """Last resort: a bug must still answer with a problem document, and be logged whole."""
+    logger.exception("Unhandled error while serving %s %s", request.method, request.url.path)
+    return problem_response(ServiceError("An unexpected error occurred; it has been logged."))

@@ -1,0 +1,85 @@
+"""Logging for operators: one line per event, text or JSON, tagged with the request id.
+
+The request id lives in a context variable that the request-id middleware sets,
+so every line written while serving a request carries it, whichever module logs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import logging
+import sys
+from collections.abc import Mapping
+
+import msgspec
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+# uvicorn installs its own handlers on these; we route them through ours so the
+# whole process speaks one format.
+_UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return _timestamp(record)
+
+
+class JsonFormatter(logging.Formatter):
+    _encoder = msgspec.json.Encoder()
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return self._encoder.encode(entry).decode()
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def lenient_config(environ: Mapping[str, str]) -> tuple[str, str]:
+    """LOG_LEVEL and LOG_FORMAT if usable, else the defaults: for the lines before settings are validated."""
+    level = environ.get("LOG_LEVEL", "INFO").strip().upper()
+    fmt = environ.get("LOG_FORMAT", "text").strip().lower()
+    return (
+        level if isinstance(logging.getLevelName(level), int) else "INFO",
+        fmt if fmt in ("text", "json") else "text",
+    )
+
+
+def configure(level: str = "INFO", fmt: str = "text") -> None:
+    """Send every logger (ours and uvicorn's) to stderr in one format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_RequestIdFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_credit_scoring", False):
+            root.removeHandler(old)
+    handler._credit_scoring = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in _UVICORN_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    # Our own access line replaces uvicorn's, which has no request id or duration.
+    logging.getLogger("uvicorn.access").disabled = True

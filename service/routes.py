@@ -1,0 +1,226 @@
+"""HTTP handlers: decode → score → record → respond.
+
+Handlers reach the model, the store and the cache only through
+`request.app.state`, which the lifecycle fills at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import hmac
+import uuid
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from service.errors import (
+    PROBLEM_MEDIA_TYPE,
+    RETRY_AFTER_SECONDS,
+    BadRequest,
+    Conflict,
+    IdempotencyKeyReused,
+    NotFound,
+    PayloadTooLarge,
+    StoreUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
+    from_validation_error,
+)
+from service.schemas import applicant_decoder, batch_decoder, encoder
+from service.storage import Record
+
+JSON = "application/json"
+MAX_BODY = 1024 * 1024
+MAX_BATCH_BODY = 8 * 1024 * 1024
+MAX_IDEMPOTENCY_KEY = 255
+
+
+# -- request plumbing --------------------------------------------------------------
+
+
+def _authorize(request: Request) -> None:
+    keys: tuple[bytes, ...] = request.app.state.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("Send the API key as `Authorization: Bearer <key>`.")
+    presented = token.strip().encode()
+    # Compare against every key, without short-circuiting, in constant time.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(presented, key)
+    if not matched:
+        raise Unauthorized("The API key is not valid.")
+
+
+async def _read_json_body(request: Request, limit: int) -> bytes:
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != JSON and not (media_type.startswith("application/") and media_type.endswith("+json")):
+        shown = media_type or "none"
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {shown}.")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The body is {declared} bytes; this endpoint accepts at most {limit}.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # a chunked body carries no Content-Length to check up front
+            raise PayloadTooLarge(f"The body exceeds {limit} bytes, the most this endpoint accepts.")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        raise BadRequest("The request body is empty; send a JSON object.")
+    return body
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise from_validation_error(exc) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}.") from None
+    except UnicodeDecodeError:  # msgspec checks UTF-8 lazily, inside strings
+        raise BadRequest("The request body is not valid UTF-8.") from None
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters.")
+    return key
+
+
+def _json(payload: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(payload, status_code=status, headers=headers, media_type=JSON)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# -- decisions ------------------------------------------------------------------------
+
+
+async def create_decision(request: Request) -> Response:
+    state = request.app.state
+    _authorize(request)
+    key = _idempotency_key(request)
+    applicant = _decode(applicant_decoder, await _read_json_body(request, MAX_BODY))
+    decision = state.model.decide(applicant, uuid.uuid4(), _now())
+    location = {"Location": f"/decisions/{decision.id}"}
+    if key is None:
+        await state.store.insert(Record(decision, applicant))
+    else:
+        in_flight: set[str] = state.idempotency_in_flight
+        if key in in_flight:
+            raise Conflict(f"A request with Idempotency-Key {key!r} is still being processed; retry shortly.")
+        request_hash = hashlib.sha256(encoder.encode(applicant)).hexdigest()
+        in_flight.add(key)
+        try:
+            existing = await state.store.insert(Record(decision, applicant, key, request_hash))
+        finally:
+            in_flight.discard(key)
+        if existing is not None:
+            if existing.request_hash != request_hash:
+                raise IdempotencyKeyReused(
+                    f"Idempotency-Key {key!r} was already used with a different body; use a new key."
+                )
+            return _json(encoder.encode(existing.decision), 200, {"Location": f"/decisions/{existing.decision.id}"})
+    # The row is committed: only now may we answer 201.
+    payload = encoder.encode(decision)
+    await state.cache.set_many([(decision.id, payload)])
+    return _json(payload, 201, location)
+
+
+async def create_batch(request: Request) -> Response:
+    state = request.app.state
+    _authorize(request)
+    batch = _decode(batch_decoder, await _read_json_body(request, MAX_BATCH_BODY))
+    now = _now()
+    decisions = [state.model.decide(a, uuid.uuid4(), now) for a in batch.applicants]
+    await state.store.insert_many([Record(d, a) for d, a in zip(decisions, batch.applicants, strict=True)])
+    # Encode each decision once: the same bytes go to the cache and into the reply.
+    payloads = [encoder.encode(d) for d in decisions]
+    await state.cache.set_many([(d.id, p) for d, p in zip(decisions, payloads, strict=True)])
+    return _json(b'{"decisions":[' + b",".join(payloads) + b"]}", 201)
+
+
+async def get_decision(request: Request) -> Response:
+    state = request.app.state
+    _authorize(request)
+    raw_id = request.path_params["decision_id"]
+    try:
+        decision_id = uuid.UUID(raw_id)
+    except ValueError:
+        raise NotFound(f"There is no decision with id {raw_id!r}.") from None
+    payload = await state.cache.get(decision_id)
+    if payload is None:
+        decision = await state.store.get(decision_id)
+        if decision is None:
+            raise NotFound(f"There is no decision with id {raw_id!r}.")
+        payload = encoder.encode(decision)
+        await state.cache.set_many([(decision_id, payload)])
+    return _json(payload)
+
+
+# -- model and health ---------------------------------------------------------------------
+
+
+async def get_model(request: Request) -> Response:
+    return _json(request.app.state.model.metadata_json)
+
+
+async def live(request: Request) -> Response:
+    return _json(b'{"status":"ok"}')
+
+
+async def ready(request: Request) -> Response:
+    state = request.app.state
+    checks = {"model": "ok" if getattr(state, "model", None) is not None else "missing"}
+    try:
+        await asyncio.wait_for(state.store.ping(), state.settings.database_request_timeout)
+        checks["database"] = "ok"
+    except (StoreUnavailable, TimeoutError):
+        checks["database"] = "unavailable"
+    # The cache is best-effort: reported, never a reason to take the pod out.
+    checks["cache"] = "ok" if await state.cache.ping() else "unavailable"
+    if state.shutting_down:
+        checks["shutdown"] = "in progress"
+    failing = [name for name in ("model", "database") if checks[name] != "ok"]
+    if state.shutting_down:
+        failing.append("shutdown")
+    if not failing:
+        return _json(encoder.encode({"status": "ready", "checks": checks}))
+    problem = {
+        "type": "https://credit-scoring.example/problems/not-ready",
+        "title": "Not ready",
+        "status": 503,
+        "detail": f"Not ready: {', '.join(failing)}.",
+        "checks": checks,
+    }
+    return Response(
+        encoder.encode(problem),
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        media_type=PROBLEM_MEDIA_TYPE,
+    )
+
+
+ROUTES = [
+    Route("/decisions", create_decision, methods=["POST"]),
+    Route("/decisions/batch", create_batch, methods=["POST"]),
+    Route("/decisions/{decision_id}", get_decision, methods=["GET"]),
+    Route("/model", get_model, methods=["GET"]),
+    Route("/health/live", live, methods=["GET"]),
+    Route("/health/ready", ready, methods=["GET"]),
+]

@@ -1,0 +1,148 @@
+"""Configuration, read once from the environment into a typed, frozen object.
+
+A bad value raises ConfigError with one sentence that names the variable, so
+start-up can log it and stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SQLITE_PATH = PROJECT_ROOT / "var" / "decisions.sqlite3"
+DEFAULT_MODEL_PATH = PROJECT_ROOT / "artifacts" / "classifier.joblib"
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(Exception):
+    """An environment variable has a value the service cannot use."""
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ***, for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if ":" in host:  # an IPv6 literal lost its brackets in hostname
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port is not None else ""
+        netloc = f"{parts.username or ''}:***@{host}{port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparsable URL>"
+
+
+@dataclass(frozen=True)
+class Settings:
+    port: int = 8000
+    database_url: str | None = None
+    sqlite_path: Path = DEFAULT_SQLITE_PATH
+    redis_url: str | None = None
+    model_path: Path = DEFAULT_MODEL_PATH
+    log_level: str = "INFO"
+    log_format: str = "text"
+    shutdown_timeout: float = 25.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    database_pool_size: int = 10
+    # Bounded waits: how long start-up waits for PostgreSQL, and how long a request
+    # waits for a pooled connection before answering 503.
+    database_connect_timeout: float = 5.0
+    database_request_timeout: float = 3.0
+    redis_timeout: float = 0.25
+    redis_key_prefix: str = ""
+    cache_ttl: int = 86_400
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        return cls(
+            port=_int(env, "PORT", 8000, minimum=1, maximum=65535),
+            database_url=_url(env, "DATABASE_URL", ("postgres", "postgresql")),
+            sqlite_path=Path(env.get("SQLITE_PATH") or DEFAULT_SQLITE_PATH),
+            redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix")),
+            model_path=Path(env.get("MODEL_PATH") or DEFAULT_MODEL_PATH),
+            log_level=_log_level(env),
+            log_format=_choice(env, "LOG_FORMAT", "text", LOG_FORMATS),
+            shutdown_timeout=_seconds(env, "SHUTDOWN_TIMEOUT", 25.0),
+            api_keys=tuple(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
+            database_pool_size=_int(env, "DATABASE_POOL_SIZE", 10, minimum=1, maximum=1000),
+            database_connect_timeout=_seconds(env, "DATABASE_CONNECT_TIMEOUT", 5.0, positive=True),
+            database_request_timeout=_seconds(env, "DATABASE_REQUEST_TIMEOUT", 3.0, positive=True),
+            redis_timeout=_seconds(env, "REDIS_TIMEOUT", 0.25, positive=True),
+            redis_key_prefix=env.get("REDIS_KEY_PREFIX", ""),
+            cache_ttl=_int(env, "CACHE_TTL", 86_400, minimum=1, maximum=10 * 365 * 86_400),
+        )
+
+
+def _value(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    return raw.strip() if raw is not None and raw.strip() else None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int) -> int:
+    raw = _value(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}.") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}.")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float, *, positive: bool = False) -> float:
+    raw = _value(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}.") from None
+    if value != value or value in (float("inf"), float("-inf")) or value < 0 or (positive and value == 0):
+        kind = "a positive" if positive else "a non-negative"
+        raise ConfigError(f"{name} must be {kind} number of seconds, got {raw!r}.")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = _value(env, name)
+    if raw is None:
+        return default
+    if raw.lower() not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}.")
+    return raw.lower()
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    raw = _value(env, "LOG_LEVEL")
+    if raw is None:
+        return "INFO"
+    level = raw.upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ConfigError(f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {raw!r}.")
+    return level
+
+
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    raw = _value(env, name)
+    if raw is None:
+        return None
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL: {mask_url(raw)}.") from None
+    if parts.scheme not in schemes:
+        raise ConfigError(f"{name} must be a {' or '.join(s + '://' for s in schemes)} URL, got {mask_url(raw)}.")
+    if parts.scheme != "unix" and not parts.hostname and not parts.path.strip("/"):
+        raise ConfigError(f"{name} names no host or database: {mask_url(raw)}.")
+    return raw

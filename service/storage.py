@@ -1,0 +1,450 @@
+"""The system of record: one row per decision, in PostgreSQL or embedded SQLite.
+
+Both stores speak the same small protocol, built from the same column list, so
+routes and tests do not care which one runs. A call that cannot reach the
+database raises StoreUnavailable (answered 503); nothing here retries a write,
+because a retried INSERT whose first COMMIT did land would duplicate the record.
+Clients retry with an Idempotency-Key instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import sqlite3
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, get_type_hints
+
+import psycopg
+import psycopg_pool
+
+from service.errors import StoreUnavailable
+from service.schemas import APPLICANT_FIELDS, Applicant, Decision, encoder, reasons_decoder
+from service.settings import mask_url
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Any number works as long as every worker and the release phase use the same one.
+MIGRATION_LOCK_ID = 0x63726564  # "cred"
+
+
+@dataclass(frozen=True)
+class Record:
+    """A decision as stored: the answer, the applicant it answers, and its idempotency data."""
+
+    decision: Decision
+    applicant: Applicant
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Existing:
+    """The record already stored under an Idempotency-Key."""
+
+    decision: Decision
+    request_hash: str | None
+
+
+class Store(Protocol):
+    description: str
+
+    async def migrate(self) -> list[int]: ...
+
+    async def insert(self, record: Record) -> Existing | None:
+        """Commit the record, or return the one already stored under its idempotency key."""
+
+    async def insert_many(self, records: Sequence[Record]) -> None:
+        """Commit all records in one transaction, or none of them."""
+
+    async def get(self, decision_id: uuid.UUID) -> Decision | None: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# -- schema --------------------------------------------------------------------
+
+_PG_TYPES = {int: "integer", float: "double precision", str: "text", bool: "boolean"}
+_SQLITE_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT", bool: "INTEGER"}
+
+
+def _applicant_columns() -> list[tuple[str, type]]:
+    hints = get_type_hints(Applicant)
+    columns = []
+    for name in APPLICANT_FIELDS:
+        hint = hints[name]
+        base = hint if hint in _PG_TYPES else str  # Literal[...] categories are text
+        columns.append((name, base))
+    return columns
+
+
+_COLUMNS: list[tuple[str, type | None]] = [
+    ("id", None),
+    ("created_at", None),
+    ("model_version", str),
+    *_applicant_columns(),
+    ("probability_of_default", float),
+    ("risk_category", str),
+    ("score", int),
+    ("decision", str),
+    ("reasons", None),
+    ("idempotency_key", None),
+    ("request_hash", None),
+]
+_SPECIAL = {
+    "postgres": {
+        "id": "uuid PRIMARY KEY",
+        "created_at": "timestamptz NOT NULL",
+        "reasons": "jsonb NOT NULL",
+        "idempotency_key": "text UNIQUE",
+        "request_hash": "text",
+    },
+    "sqlite": {
+        "id": "TEXT PRIMARY KEY",
+        "created_at": "TEXT NOT NULL",
+        "reasons": "TEXT NOT NULL",
+        "idempotency_key": "TEXT UNIQUE",
+        "request_hash": "TEXT",
+    },
+}
+
+
+def _create_table(dialect: str) -> str:
+    types = _PG_TYPES if dialect == "postgres" else _SQLITE_TYPES
+    lines = [
+        f"{name} {_SPECIAL[dialect][name] if kind is None else types[kind] + ' NOT NULL'}" for name, kind in _COLUMNS
+    ]
+    return "CREATE TABLE IF NOT EXISTS decisions (\n  " + ",\n  ".join(lines) + "\n)"
+
+
+# Append-only: a deployed migration is never edited, only followed by a new one.
+MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
+    (
+        1,
+        "create decisions",
+        {
+            dialect: [
+                _create_table(dialect),
+                "CREATE INDEX IF NOT EXISTS decisions_created_at ON decisions (created_at)",
+            ]
+            for dialect in ("postgres", "sqlite")
+        },
+    ),
+]
+
+_NAMES = [name for name, _ in _COLUMNS]
+_SELECT = (
+    "SELECT id, decision, probability_of_default, risk_category, score, CAST(reasons AS TEXT), model_version,"
+    " created_at, request_hash FROM decisions"
+)
+
+
+def _row(record: Record, dialect: str) -> tuple[Any, ...]:
+    d, a = record.decision, record.applicant
+    reasons = encoder.encode(d.reasons).decode()
+    if dialect == "postgres":
+        head: tuple[Any, ...] = (d.id, d.created_at)
+    else:
+        head = (str(d.id), d.created_at.isoformat())
+    return (
+        *head,
+        d.model_version,
+        *(getattr(a, f) for f in APPLICANT_FIELDS),
+        d.probability_of_default,
+        d.risk_category,
+        d.score,
+        d.decision,
+        reasons,
+        record.idempotency_key,
+        record.request_hash,
+    )
+
+
+def _decision(row: Sequence[Any]) -> Existing:
+    decision_id, created_at = row[0], row[7]
+    if isinstance(decision_id, str):  # SQLite
+        decision_id = uuid.UUID(decision_id)
+        created_at = dt.datetime.fromisoformat(created_at)
+    return Existing(
+        decision=Decision(
+            id=decision_id,
+            decision=row[1],
+            probability_of_default=row[2],
+            risk_category=row[3],
+            score=row[4],
+            reasons=reasons_decoder.decode(row[5]),
+            model_version=row[6],
+            created_at=created_at.astimezone(dt.UTC),
+        ),
+        request_hash=row[8],
+    )
+
+
+# -- PostgreSQL ------------------------------------------------------------------
+
+_PG_INSERT = (
+    f"INSERT INTO decisions ({', '.join(_NAMES)}) VALUES ({', '.join(['%s'] * len(_NAMES))})"
+    " ON CONFLICT (idempotency_key) DO NOTHING"
+)
+# Errors that mean "the database is not there right now", as opposed to a bug.
+_PG_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
+
+
+class PostgresStore:
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool, url: str, request_timeout: float) -> None:
+        self._pool = pool
+        self._request_timeout = request_timeout
+        self.description = f"PostgreSQL at {mask_url(url)} (pool {pool.min_size}..{pool.max_size})"
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        pool_size: int,
+        connect_timeout: float,
+        request_timeout: float,
+        application_name: str,
+    ) -> PostgresStore:
+        """Open the pool and wait, bounded, for its first connection; close it again on failure."""
+        pool = psycopg_pool.AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            timeout=request_timeout,
+            # Verifies each connection before handing it out, so a connection broken
+            # by a database restart is replaced instead of failing a request.
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
+            kwargs={
+                # One INSERT is one transaction: autocommit saves a BEGIN/COMMIT round trip.
+                "autocommit": True,
+                "application_name": application_name,
+                "connect_timeout": max(1, round(connect_timeout)),
+            },
+            name="decisions",
+        )
+        try:
+            await pool.open(wait=True, timeout=connect_timeout)
+        except BaseException as exc:
+            await pool.close(timeout=1.0)
+            if isinstance(exc, psycopg_pool.PoolTimeout):
+                raise StoreUnavailable(
+                    f"PostgreSQL at {mask_url(url)} did not accept a connection within {connect_timeout:g} s."
+                ) from None
+            raise
+        return cls(pool, url, request_timeout)
+
+    async def _run(self, action: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        try:
+            async with self._pool.connection(timeout=self._request_timeout) as conn:
+                return await action(conn)
+        except _PG_UNAVAILABLE as exc:
+            raise StoreUnavailable(f"The system of record is unavailable: {type(exc).__name__}.") from exc
+
+    async def migrate(self) -> list[int]:
+        async def apply(conn: psycopg.AsyncConnection[Any]) -> list[int]:
+            async with conn.transaction():
+                # Serialises concurrent migrators (several workers, the release phase);
+                # released at COMMIT.
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations"
+                    " (version integer PRIMARY KEY, description text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                cur = await conn.execute("SELECT version FROM schema_migrations")
+                done = {row[0] for row in await cur.fetchall()}
+                applied = []
+                for version, description, statements in MIGRATIONS:
+                    if version in done:
+                        continue
+                    for statement in statements["postgres"]:
+                        await conn.execute(statement)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, description) VALUES (%s, %s)",
+                        (version, description),
+                    )
+                    applied.append(version)
+                return applied
+
+        return await self._run(apply)
+
+    async def insert(self, record: Record) -> Existing | None:
+        async def insert(conn: psycopg.AsyncConnection[Any]) -> Existing | None:
+            cur = await conn.execute(_PG_INSERT, _row(record, "postgres"))
+            if cur.rowcount == 1:
+                return None
+            cur = await conn.execute(_SELECT + " WHERE idempotency_key = %s", (record.idempotency_key,))
+            row = await cur.fetchone()
+            if row is None:  # pragma: no cover - a conflict implies the row exists
+                raise StoreUnavailable("The idempotency record vanished; retry the request.")
+            return _decision(row)
+
+        return await self._run(insert)
+
+    async def insert_many(self, records: Sequence[Record]) -> None:
+        async def insert_all(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(_PG_INSERT, [_row(r, "postgres") for r in records])
+
+        await self._run(insert_all)
+
+    async def get(self, decision_id: uuid.UUID) -> Decision | None:
+        async def get(conn: psycopg.AsyncConnection[Any]) -> Decision | None:
+            cur = await conn.execute(_SELECT + " WHERE id = %s", (decision_id,))
+            row = await cur.fetchone()
+            return None if row is None else _decision(row).decision
+
+        return await self._run(get)
+
+    async def ping(self) -> None:
+        async def ping(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute("SELECT 1")
+
+        await self._run(ping)
+
+    async def close(self) -> None:
+        await self._pool.close(timeout=5.0)
+
+    def stats(self) -> dict[str, int]:
+        return self._pool.get_stats()
+
+
+# -- SQLite --------------------------------------------------------------------------
+
+_SQLITE_INSERT = (
+    f"INSERT INTO decisions ({', '.join(_NAMES)}) VALUES ({', '.join(['?'] * len(_NAMES))})"
+    " ON CONFLICT (idempotency_key) DO NOTHING"
+)
+
+
+class SQLiteStore:
+    """The embedded default: one connection, used only from one dedicated thread.
+
+    sqlite3 calls block, so they run on that thread and the event loop only awaits
+    them; the single thread also serialises writers, which SQLite wants anyway.
+    """
+
+    def __init__(self, path: Path, executor: ThreadPoolExecutor, conn: sqlite3.Connection) -> None:
+        self._path = path
+        self._executor = executor
+        self._conn = conn
+        self.description = f"SQLite at {path}"
+
+    @classmethod
+    async def open(cls, path: Path) -> SQLiteStore:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+
+        def connect() -> sqlite3.Connection:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+            # WAL lets readers run beside the writer; synchronous=FULL makes each
+            # COMMIT durable before we answer 201.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            return conn
+
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(executor, connect)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(path, executor, conn)
+
+    async def _run(self, action: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, action, self._conn)
+        except sqlite3.OperationalError as exc:  # locked, disk full, file gone
+            raise StoreUnavailable(f"The system of record is unavailable: {exc}.") from exc
+
+    async def migrate(self) -> list[int]:
+        def apply(conn: sqlite3.Connection) -> list[int]:
+            # BEGIN IMMEDIATE takes the write lock: SQLite's advisory lock.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations"
+                    " (version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)"
+                )
+                done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+                applied = []
+                for version, description, statements in MIGRATIONS:
+                    if version in done:
+                        continue
+                    for statement in statements["sqlite"]:
+                        conn.execute(statement)
+                    conn.execute(
+                        "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                        (version, description, dt.datetime.now(dt.UTC).isoformat()),
+                    )
+                    applied.append(version)
+                conn.execute("COMMIT")
+                return applied
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        return await self._run(apply)
+
+    async def insert(self, record: Record) -> Existing | None:
+        def insert(conn: sqlite3.Connection) -> Existing | None:
+            cur = conn.execute(_SQLITE_INSERT, _row(record, "sqlite"))
+            if cur.rowcount == 1:
+                return None
+            row = conn.execute(_SELECT + " WHERE idempotency_key = ?", (record.idempotency_key,)).fetchone()
+            return _decision(row)
+
+        return await self._run(insert)
+
+    async def insert_many(self, records: Sequence[Record]) -> None:
+        rows = [_row(r, "sqlite") for r in records]
+
+        def insert_all(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_SQLITE_INSERT, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        await self._run(insert_all)
+
+    async def get(self, decision_id: uuid.UUID) -> Decision | None:
+        def get(conn: sqlite3.Connection) -> Decision | None:
+            row = conn.execute(_SELECT + " WHERE id = ?", (str(decision_id),)).fetchone()
+            return None if row is None else _decision(row).decision
+
+        return await self._run(get)
+
+    async def ping(self) -> None:
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+async def open_store(settings: Any, application_name: str) -> Store:
+    """The store the settings ask for: PostgreSQL when DATABASE_URL is set, else SQLite."""
+    if settings.database_url:
+        return await PostgresStore.open(
+            settings.database_url,
+            pool_size=settings.database_pool_size,
+            connect_timeout=settings.database_connect_timeout,
+            request_timeout=settings.database_request_timeout,
+            application_name=application_name,
+        )
+    return await SQLiteStore.open(settings.sqlite_path)
