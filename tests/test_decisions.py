@@ -1,0 +1,341 @@
+"""The HTTP contract of SPEC.md, run once on PostgreSQL + Redis and once on SQLite + the in-process cache."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from typing import Any
+
+import msgspec
+import pytest
+from starlette.testclient import TestClient
+
+from service.model import scorecard_points
+from service.schemas import Applicant
+from service.settings import Settings
+from tests.conftest import count_rows
+
+PROBLEM = "application/problem+json"
+
+
+def assert_problem(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body = response.json()
+    assert body["status"] == status
+    assert body["title"] and body["detail"] and body["type"]
+    return dict(body)
+
+
+# -- POST /decisions ----------------------------------------------------------------
+
+
+def test_create_decision_commits_and_returns_201(client: TestClient, settings: Settings, applicant: dict) -> None:
+    response = client.post("/decisions", json=applicant)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert response.headers["location"] == f"/decisions/{body['id']}"
+    assert uuid.UUID(body["id"]).version == 4
+    assert body["created_at"].endswith("Z")
+    assert count_rows(settings, "id = %s", (body["id"],)) == 1
+
+
+def test_create_decision_follows_the_model_and_the_scorecard(client: TestClient, applicant: dict) -> None:
+    body = client.post("/decisions", json=applicant).json()
+    model = client.app.state.model  # type: ignore[attr-defined]
+    p = body["probability_of_default"]
+    assert 0 < p < 1
+    assert body["decision"] == ("decline" if p >= model.metadata.cutoff else "approve")
+    assert body["score"] == round(487.123 + 28.8539 * math.log((1 - p) / p)) == scorecard_points(p)
+    bands = model.metadata.risk_bands
+    expected = next(b.category for b in bands if p < b.upper_bound)
+    assert body["risk_category"] == expected
+    assert body["model_version"] == model.metadata.version
+    contributions = [r["contribution"] for r in body["reasons"]]
+    assert 0 < len(contributions) <= 4
+    assert contributions == sorted(contributions, reverse=True)
+    assert all(c > 0 for c in contributions)
+
+
+def test_create_decision_stores_the_applicant_fields(client: TestClient, settings: Settings, applicant: dict) -> None:
+    body = client.post("/decisions", json=applicant).json()
+    assert (
+        count_rows(
+            settings, "id = %s AND age = %s AND purpose = %s", (body["id"], applicant["age"], applicant["purpose"])
+        )
+        == 1
+    )
+
+
+def test_create_decision_with_same_idempotency_key_returns_original(
+    client: TestClient, settings: Settings, applicant: dict
+) -> None:
+    key = f"key-{uuid.uuid4()}"
+    first = client.post("/decisions", json=applicant, headers={"Idempotency-Key": key})
+    second = client.post("/decisions", json=applicant, headers={"Idempotency-Key": key})
+    assert first.status_code == 201
+    assert second.status_code == 200
+    assert second.json() == first.json()
+    assert second.headers["location"] == first.headers["location"]
+    assert count_rows(settings, "idempotency_key = %s", (key,)) == 1
+
+
+def test_create_decision_rejects_idempotency_key_reused_with_other_body(
+    client: TestClient, settings: Settings, applicant: dict
+) -> None:
+    key = f"key-{uuid.uuid4()}"
+    assert client.post("/decisions", json=applicant, headers={"Idempotency-Key": key}).status_code == 201
+    other = {**applicant, "age": applicant["age"] + 1}
+    body = assert_problem(client.post("/decisions", json=other, headers={"Idempotency-Key": key}), 422)
+    assert "Idempotency-Key" in body["detail"]
+    assert count_rows(settings, "idempotency_key = %s", (key,)) == 1
+
+
+def test_create_decision_answers_409_while_same_key_in_flight(
+    client: TestClient, settings: Settings, applicant: dict
+) -> None:
+    key = f"key-{uuid.uuid4()}"
+    client.app.state.idempotency_in_flight.add(key)  # type: ignore[attr-defined]
+    assert_problem(client.post("/decisions", json=applicant, headers={"Idempotency-Key": key}), 409)
+    assert count_rows(settings, "idempotency_key = %s", (key,)) == 0
+
+
+def test_create_decision_rejects_malformed_idempotency_key(client: TestClient, applicant: dict) -> None:
+    assert_problem(client.post("/decisions", json=applicant, headers={"Idempotency-Key": "x" * 256}), 400)
+
+
+# -- validation and body errors ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        ({"age": 17}, "$.age"),
+        ({"age": 121}, "$.age"),
+        ({"age": "30"}, "$.age"),
+        ({"age": 30.5}, "$.age"),
+        ({"duration_months": 0}, "$.duration_months"),
+        ({"credit_amount": 0}, "$.credit_amount"),
+        ({"credit_amount": 1_000_001}, "$.credit_amount"),
+        ({"purpose": "yacht"}, "$.purpose"),
+        ({"telephone": 1}, "$.telephone"),
+        ({"foreign_worker": "yes"}, "$.foreign_worker"),
+        ({"personal_status_and_sex": "x"}, "$.personal_status_and_sex"),
+    ],
+)
+def test_create_decision_rejects_invalid_field(
+    client: TestClient, settings: Settings, applicant: dict, change: dict, path: str
+) -> None:
+    before = count_rows(settings)
+    body = assert_problem(client.post("/decisions", json={**applicant, **change}), 422)
+    assert [e["path"] for e in body["errors"]] == [path]
+    assert body["errors"][0]["message"]
+    assert count_rows(settings) == before
+
+
+def test_create_decision_names_missing_field(client: TestClient, applicant: dict) -> None:
+    del applicant["savings"]
+    body = assert_problem(client.post("/decisions", json=applicant), 422)
+    assert body["errors"][0]["path"] == "$.savings"
+
+
+def test_create_decision_rejects_wrong_shape(client: TestClient) -> None:
+    body = assert_problem(client.post("/decisions", json=[1, 2]), 422)
+    assert body["errors"][0]["path"] == "$"
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"", "empty"),
+        (b"   ", "blank"),
+        (b"{not json", "malformed"),
+        (b'{"purpose": "\xff"}', "not UTF-8"),
+        (b"\xff\xfe{}", "binary"),
+    ],
+)
+def test_create_decision_rejects_body_that_is_not_json(client: TestClient, content: bytes, why: str) -> None:
+    assert_problem(client.post("/decisions", content=content, headers={"Content-Type": "application/json"}), 400)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_create_decision_rejects_non_json_media_type(
+    client: TestClient, applicant: dict, content_type: str | None
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post("/decisions", content=json.dumps(applicant).encode(), headers=headers)
+    assert_problem(response, 415)
+
+
+def test_create_decision_accepts_json_with_charset(client: TestClient, applicant: dict) -> None:
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+    assert client.post("/decisions", content=json.dumps(applicant).encode(), headers=headers).status_code == 201
+
+
+def test_create_decision_rejects_body_over_one_mebibyte(client: TestClient, applicant: dict) -> None:
+    padded = json.dumps(applicant)[:-1] + ', "pad": "' + "x" * (1024 * 1024) + '"}'
+    assert_problem(
+        client.post("/decisions", content=padded.encode(), headers={"Content-Type": "application/json"}), 413
+    )
+
+
+def test_create_decision_rejects_chunked_body_over_limit(client: TestClient) -> None:
+    def chunks() -> Any:
+        for _ in range(17):
+            yield b" " * (64 * 1024)
+
+    response = client.post("/decisions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert_problem(response, 413)
+
+
+# -- batch ------------------------------------------------------------------------------------
+
+
+def test_batch_scores_in_order_and_commits_all(client: TestClient, settings: Settings, applicants: list[dict]) -> None:
+    chosen = applicants[:25]
+    response = client.post("/decisions/batch", json={"applicants": chosen})
+    assert response.status_code == 201, response.text
+    decisions = response.json()["decisions"]
+    assert len(decisions) == 25
+    scorer = client.app.state.model.scorer  # type: ignore[attr-defined]
+    for body, decision in zip(chosen, decisions, strict=True):
+        assert decision["probability_of_default"] == scorer.probability(msgspec.convert(body, Applicant))
+    ids = tuple(d["id"] for d in decisions)
+    assert count_rows(settings, "id IN (" + ", ".join(["%s"] * len(ids)) + ")", ids) == 25
+    # Each is readable by id.
+    assert client.get(f"/decisions/{ids[7]}").json() == decisions[7]
+
+
+def test_batch_with_one_invalid_applicant_stores_nothing(
+    client: TestClient, settings: Settings, applicants: list[dict]
+) -> None:
+    chosen = [dict(a) for a in applicants[:10]]
+    chosen[3]["age"] = 7
+    before = count_rows(settings)
+    body = assert_problem(client.post("/decisions/batch", json={"applicants": chosen}), 422)
+    assert body["errors"][0]["path"] == "$.applicants[3].age"
+    assert count_rows(settings) == before
+
+
+@pytest.mark.parametrize("size", [0, 1001])
+def test_batch_rejects_size_outside_1_to_1000(client: TestClient, applicant: dict, size: int) -> None:
+    body = assert_problem(client.post("/decisions/batch", json={"applicants": [applicant] * size}), 422)
+    assert body["errors"][0]["path"] == "$.applicants"
+
+
+def test_batch_accepts_1000_applicants(client: TestClient, settings: Settings, applicants: list[dict]) -> None:
+    response = client.post("/decisions/batch", json={"applicants": applicants[:1000]})
+    assert response.status_code == 201
+    assert len(response.json()["decisions"]) == 1000
+
+
+def test_batch_rejects_body_over_eight_mebibytes(client: TestClient) -> None:
+    content = b'{"applicants": [' + b" " * (8 * 1024 * 1024) + b"]}"
+    assert_problem(client.post("/decisions/batch", content=content, headers={"Content-Type": "application/json"}), 413)
+
+
+# -- GET /decisions/{id} -------------------------------------------------------------------------
+
+
+def test_get_decision_reads_cache_then_store(client: TestClient, settings: Settings, applicant: dict) -> None:
+    created = client.post("/decisions", json=applicant).json()
+    cache = client.app.state.cache  # type: ignore[attr-defined]
+    hits = cache.hits
+    assert client.get(f"/decisions/{created['id']}").json() == created
+    assert cache.hits == hits + 1
+    _evict(client, settings, created["id"])
+    misses = cache.misses
+    from_store = client.get(f"/decisions/{created['id']}")
+    assert from_store.status_code == 200
+    assert from_store.json() == created
+    assert cache.misses == misses + 1
+
+
+def _evict(client: TestClient, settings: Settings, decision_id: str) -> None:
+    cache = client.app.state.cache  # type: ignore[attr-defined]
+    if settings.redis_url:
+        import redis
+
+        r = redis.Redis.from_url(settings.redis_url)
+        assert r.delete(f"{settings.redis_key_prefix}decision:{decision_id}") == 1
+        r.close()
+    else:
+        del cache._entries[uuid.UUID(decision_id)]
+
+
+@pytest.mark.parametrize("decision_id", [str(uuid.UUID(int=0)), "not-a-uuid", "batch"])
+def test_get_unknown_decision_is_404(client: TestClient, decision_id: str) -> None:
+    assert_problem(client.get(f"/decisions/{decision_id}"), 404)
+
+
+# -- routing errors, auth ------------------------------------------------------------------
+
+
+def test_unknown_path_is_problem_404(client: TestClient) -> None:
+    assert_problem(client.get("/nope"), 404)
+
+
+def test_wrong_method_is_problem_405(client: TestClient) -> None:
+    response = client.delete("/decisions")
+    assert_problem(response, 405)
+    assert "POST" in response.headers["allow"]
+
+
+def test_api_keys_guard_decisions(settings: Settings, applicant: dict) -> None:
+    import dataclasses
+
+    from service.app import create_app
+
+    keyed = dataclasses.replace(settings, api_keys=("k-one", "k-two"))
+    with TestClient(create_app(keyed)) as client:
+        missing = client.post("/decisions", json=applicant)
+        assert_problem(missing, 401)
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        assert_problem(client.post("/decisions", json=applicant, headers={"Authorization": "Bearer nope"}), 401)
+        assert_problem(client.get(f"/decisions/{uuid.uuid4()}", headers={"Authorization": "Basic k-one"}), 401)
+        ok = client.post("/decisions", json=applicant, headers={"Authorization": "Bearer k-two"})
+        assert ok.status_code == 201
+        assert client.get(ok.headers["location"], headers={"Authorization": "Bearer k-one"}).status_code == 200
+        for open_path in ("/health/live", "/health/ready", "/model"):
+            assert client.get(open_path).status_code == 200
+
+
+# -- model, health, request ids ---------------------------------------------------------------
+
+
+def test_model_describes_itself(client: TestClient) -> None:
+    body = client.get("/model").json()
+    for key in ("name", "version", "trained_at", "libraries", "sha256", "features", "cutoff", "risk_bands", "metrics"):
+        assert key in body
+    assert body["cutoff"] == pytest.approx(1 / 6)
+    assert [b["category"] for b in body["risk_bands"]] == ["very_low", "low", "medium", "high", "very_high"]
+    assert set(body["metrics"]) == {"roc_auc", "gini", "ks", "brier"}
+    names = [f["name"] for f in body["features"]]
+    assert "foreign_worker" not in names and "personal_status_and_sex" not in names
+    assert len(names) == 18
+
+
+def test_health_live_and_ready(client: TestClient) -> None:
+    assert client.get("/health/live").json() == {"status": "ok"}
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"model": "ok", "database": "ok", "cache": "ok"}
+
+
+def test_ready_is_503_once_shutdown_began(client: TestClient) -> None:
+    client.app.state.shutting_down = True  # type: ignore[attr-defined]
+    response = client.get("/health/ready")
+    body = assert_problem(response, 503)
+    assert response.headers["retry-after"]
+    assert body["checks"]["shutdown"] == "in progress"
+    client.app.state.shutting_down = False  # type: ignore[attr-defined]
+
+
+def test_request_id_is_echoed_or_made(client: TestClient) -> None:
+    assert client.get("/health/live", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
+    made = client.get("/health/live").headers["x-request-id"]
+    assert len(made) == 32
+    # An id that could forge log lines is replaced, not echoed.
+    assert client.get("/health/live", headers={"X-Request-ID": "a b\tc"}).headers["x-request-id"] != "a b\tc"
+    assert client.get("/nope").headers["x-request-id"]

@@ -1,0 +1,166 @@
+"""The service as a platform runs it: uvicorn started from the Procfile's web: line, stopped by signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from service.lifecycle import CLOSED, CLOSING, STARTED, STARTING
+from tests.conftest import postgres_connections, redis_clients, redis_prefix, wait_until
+
+pytestmark = pytest.mark.process
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def procfile_command(process_type: str) -> str:
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        kind, _, command = line.partition(":")
+        if kind.strip() == process_type:
+            return command.strip()
+    raise AssertionError(f"Procfile has no {process_type}: line")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Service:
+    """One uvicorn process from the Procfile, its log in a file, its port free for it."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.log_path = log
+        self.started = time.monotonic()
+        with log.open("ab") as output:
+            self.process = subprocess.Popen(
+                # exec: the signal must reach uvicorn itself, as on Heroku and Kubernetes.
+                ["bash", "-c", "exec " + procfile_command("web")],
+                cwd=ROOT,
+                env={**env, "PORT": str(self.port)},
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app_name = f"credit-scoring-{self.process.pid}"
+
+    def wait_ready(self, timeout: float = 30) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"service exited early:\n{self.log()}"
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
+                    return time.monotonic() - self.started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"service not ready after {timeout} s:\n{self.log()}")
+
+    def stop(self, sig: signal.Signals, timeout: float = 30) -> tuple[int, float]:
+        sent = time.monotonic()
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout)
+        return code, time.monotonic() - sent
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def service_env(postgres_url: str, redis_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "API_KEYS", "LOG_"))}
+    # The venv's uvicorn, as `make run` puts it on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        DATABASE_URL=postgres_url,
+        REDIS_URL=redis_url,
+        REDIS_KEY_PREFIX=redis_prefix(),
+        SHUTDOWN_TIMEOUT="10",
+    )
+    return env
+
+
+@pytest.fixture
+def started(service_env: dict[str, str], tmp_path: Path) -> Iterator[Service]:
+    service = Service(service_env, tmp_path / "service.log")
+    try:
+        yield service
+    finally:
+        if service.process.poll() is None:
+            service.process.kill()
+            service.process.wait()
+
+
+def test_sigterm_exits_cleanly_and_leaves_no_connection(started: Service, postgres_url: str, applicant: dict) -> None:
+    ready_after = started.wait_ready()
+    created = httpx.post(f"{started.url}/decisions", json=applicant, timeout=5)
+    assert created.status_code == 201
+    assert postgres_connections(postgres_url, started.app_name) >= 1
+    assert redis_clients(started.app_name) >= 1
+
+    code, seconds = started.stop(signal.SIGTERM)
+    log = started.log()
+    # 0, or the SIGTERM uvicorn re-raises after a clean shutdown.
+    assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM), log
+    assert seconds < 10
+    for line in (STARTING, STARTED, CLOSING, CLOSED):
+        assert line in log
+    assert log.index(CLOSING) < log.index("Shutdown step 'store': closed") < log.index(CLOSED)
+    assert "Traceback" not in log
+    assert wait_until(lambda: postgres_connections(postgres_url, started.app_name) == 0)
+    assert wait_until(lambda: redis_clients(started.app_name) == 0)
+    print(f"start to ready {ready_after:.2f} s, SIGTERM to exit {seconds:.2f} s")
+
+
+def test_sigkill_loses_no_committed_decision(
+    started: Service, service_env: dict[str, str], tmp_path: Path, postgres_url: str, applicant: dict
+) -> None:
+    started.wait_ready()
+    created = [httpx.post(f"{started.url}/decisions", json=applicant, timeout=5) for _ in range(5)]
+    assert all(r.status_code == 201 for r in created)
+    code, _ = started.stop(signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert CLOSING not in started.log()
+
+    # Restart with an empty cache (a fresh key prefix), so reads must come from PostgreSQL.
+    restarted = Service(
+        {**service_env, "REDIS_KEY_PREFIX": f"{redis_prefix()}{uuid.uuid4().hex}:"}, tmp_path / "again.log"
+    )
+    try:
+        restarted.wait_ready()
+        for response in created:
+            again = httpx.get(f"{restarted.url}{response.headers['location']}", timeout=5)
+            assert again.status_code == 200
+            assert again.json() == response.json()
+        code, _ = restarted.stop(signal.SIGTERM)
+        assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+        assert CLOSED in restarted.log()
+    finally:
+        if restarted.process.poll() is None:
+            restarted.process.kill()
+            restarted.process.wait()
+    assert wait_until(lambda: postgres_connections(postgres_url, restarted.app_name) == 0)
+
+
+def test_release_phase_migrates(service_env: dict[str, str]) -> None:
+    result = subprocess.run(
+        ["bash", "-c", procfile_command("release")],
+        cwd=ROOT,
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Schema up to date" in result.stderr

@@ -1,0 +1,84 @@
+"""Configuration: defaults, parsing, and a sentence naming the variable for every bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.settings import DEFAULT_SQLITE_PATH, ConfigError, Settings, mask_url
+
+
+def test_settings_defaults_need_no_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings.port == 8000
+    assert settings.database_url is None and settings.sqlite_path == DEFAULT_SQLITE_PATH
+    assert settings.redis_url is None
+    assert settings.log_format == "text" and settings.log_level == "INFO"
+    assert settings.shutdown_timeout == 25
+    assert settings.api_keys == ()
+
+
+def test_settings_reads_every_variable() -> None:
+    settings = Settings.from_env(
+        {
+            "PORT": "9000",
+            "DATABASE_URL": "postgres://u:p@db.example:5432/credit",
+            "REDIS_URL": "redis://cache:6379/2",
+            "MODEL_PATH": "/models/m.joblib",
+            "LOG_LEVEL": "debug",
+            "LOG_FORMAT": "JSON",
+            "SHUTDOWN_TIMEOUT": "10",
+            "API_KEYS": " a , b,,",
+        }
+    )
+    assert settings.port == 9000
+    assert settings.database_url == "postgres://u:p@db.example:5432/credit"
+    assert settings.redis_url == "redis://cache:6379/2"
+    assert str(settings.model_path) == "/models/m.joblib"
+    assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
+    assert settings.shutdown_timeout == 10
+    assert settings.api_keys == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PORT", "eighty"),
+        ("PORT", "70000"),
+        ("DATABASE_URL", "mysql://localhost/db"),
+        ("DATABASE_URL", "postgresql://localhost:notaport/db"),
+        ("REDIS_URL", "http://localhost"),
+        ("LOG_FORMAT", "xml"),
+        ("LOG_LEVEL", "LOUD"),
+        ("SHUTDOWN_TIMEOUT", "-1"),
+        ("SHUTDOWN_TIMEOUT", "soon"),
+        ("SHUTDOWN_TIMEOUT", "nan"),
+        ("DATABASE_POOL_SIZE", "0"),
+    ],
+)
+def test_settings_bad_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({name: value})
+    assert str(info.value).startswith(name)
+
+
+def test_settings_error_masks_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"DATABASE_URL": "mysql://user:hunter2@localhost/db"})
+    assert "hunter2" not in str(info.value)
+
+
+def test_settings_repr_hides_api_keys() -> None:
+    assert "sekrit" not in repr(Settings(api_keys=("sekrit",)))
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgresql://u:pw@host:5432/db", "postgresql://u:***@host:5432/db"),
+        ("postgresql://u@host/db", "postgresql://u@host/db"),
+        ("redis://:pw@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("postgresql://u:pw@[::1]:5432/db", "postgresql://u:***@[::1]:5432/db"),
+    ],
+)
+def test_mask_url_hides_only_the_password(url: str, masked: str) -> None:
+    assert mask_url(url) == masked

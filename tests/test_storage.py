@@ -1,0 +1,225 @@
+"""Store and cache, each back end through the same test functions, on real servers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from service import dataset, storage
+from service.cache import Cache, MemoryCache, RedisCache
+from service.errors import StoreUnavailable
+from service.model import CreditModel
+from service.schemas import Decision, encoder
+from service.storage import PostgresStore, Record, SQLiteStore, Store
+from tests.conftest import redis_prefix
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    opened: Store
+    if request.param == "postgres":
+        opened = await PostgresStore.open(
+            request.getfixturevalue("postgres_url"),
+            pool_size=2,
+            connect_timeout=3,
+            request_timeout=3,
+            application_name="credit-scoring-test-store",
+        )
+    else:
+        opened = await SQLiteStore.open(tmp_path / "store.sqlite3")
+    await opened.migrate()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture(params=["redis", "memory"])
+async def cache(request: pytest.FixtureRequest) -> AsyncIterator[Cache]:
+    opened: Cache
+    if request.param == "redis":
+        opened = RedisCache(
+            request.getfixturevalue("redis_url"),
+            timeout=1,
+            prefix=redis_prefix(),
+            ttl=60,
+            client_name="credit-scoring-test-cache",
+        )
+    else:
+        opened = MemoryCache(ttl=60)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture(scope="module")
+def credit_model() -> CreditModel:
+    from service import model
+    from service.settings import DEFAULT_MODEL_PATH
+
+    return model.load(DEFAULT_MODEL_PATH)
+
+
+def make_record(credit_model: CreditModel, index: int = 1, key: str | None = None) -> Record:
+    applicant = dataset.load().applicants[index]
+    decision = credit_model.decide(applicant, uuid.uuid4(), dt.datetime.now(dt.UTC))
+    return Record(decision, applicant, key, "hash-" + str(index) if key else None)
+
+
+# -- store ---------------------------------------------------------------------------------
+
+
+async def test_store_round_trips_a_decision_exactly(store: Store, credit_model: CreditModel) -> None:
+    record = make_record(credit_model)
+    assert await store.insert(record) is None
+    loaded = await store.get(record.decision.id)
+    assert loaded == record.decision
+    # Byte-identical JSON whether it comes from the cache or the store.
+    assert encoder.encode(loaded) == encoder.encode(record.decision)
+
+
+async def test_store_get_unknown_is_none(store: Store) -> None:
+    assert await store.get(uuid.uuid4()) is None
+
+
+async def test_store_returns_existing_record_for_repeated_key(store: Store, credit_model: CreditModel) -> None:
+    key = f"k-{uuid.uuid4()}"
+    first = make_record(credit_model, 1, key)
+    second = make_record(credit_model, 2, key)
+    assert await store.insert(first) is None
+    existing = await store.insert(second)
+    assert existing is not None
+    assert existing.decision == first.decision
+    assert existing.request_hash == first.request_hash
+    assert await store.get(second.decision.id) is None
+
+
+async def test_store_insert_many_commits_all(store: Store, credit_model: CreditModel) -> None:
+    records = [make_record(credit_model, i) for i in range(50)]
+    await store.insert_many(records)
+    for record in records:
+        assert await store.get(record.decision.id) == record.decision
+
+
+async def test_store_insert_many_is_all_or_nothing(store: Store, credit_model: CreditModel) -> None:
+    committed = make_record(credit_model, 0)
+    await store.insert_many([committed])
+    batch = [make_record(credit_model, i) for i in range(1, 6)]
+    # The last row reuses a committed id: the database refuses it after the others went in.
+    clash = Record(msgspec.structs.replace(batch[-1].decision, id=committed.decision.id), batch[-1].applicant)
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        await store.insert_many([*batch[:-1], clash])
+    for record in batch[:-1]:
+        assert await store.get(record.decision.id) is None
+
+
+async def test_store_migration_is_idempotent(store: Store) -> None:
+    assert await store.migrate() == []
+    assert await store.migrate() == []
+
+
+async def test_store_ping_answers(store: Store) -> None:
+    await store.ping()
+
+
+async def test_postgres_store_open_fails_fast_when_unreachable() -> None:
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="did not accept a connection"):
+        await PostgresStore.open(
+            "postgresql://postgres:secret@127.0.0.1:1/nowhere",
+            pool_size=2,
+            connect_timeout=1,
+            request_timeout=1,
+            application_name="credit-scoring-test",
+        )
+    assert time.monotonic() - started < 3
+
+
+async def test_postgres_store_error_hides_password() -> None:
+    with pytest.raises(StoreUnavailable) as info:
+        await PostgresStore.open(
+            "postgresql://postgres:hunter2@127.0.0.1:1/nowhere",
+            pool_size=1,
+            connect_timeout=0.5,
+            request_timeout=0.5,
+            application_name="credit-scoring-test",
+        )
+    assert "hunter2" not in str(info.value)
+    assert "***" in str(info.value)
+
+
+def test_migrations_are_append_only_and_numbered() -> None:
+    versions = [version for version, _, _ in storage.MIGRATIONS]
+    assert versions == list(range(1, len(versions) + 1))
+    for _, _, statements in storage.MIGRATIONS:
+        assert set(statements) == {"postgres", "sqlite"}
+
+
+# -- cache ---------------------------------------------------------------------------------
+
+
+async def test_cache_returns_what_was_set(cache: Cache) -> None:
+    decision_id = uuid.uuid4()
+    assert await cache.get(decision_id) is None
+    await cache.set_many([(decision_id, b'{"id": 1}')])
+    assert await cache.get(decision_id) == b'{"id": 1}'
+    assert cache.hits == 1 and cache.misses == 1
+
+
+async def test_cache_set_many_stores_each(cache: Cache) -> None:
+    items = [(uuid.uuid4(), f"payload-{i}".encode()) for i in range(20)]
+    await cache.set_many(items)
+    for decision_id, payload in items:
+        assert await cache.get(decision_id) == payload
+
+
+async def test_cache_ping_answers(cache: Cache) -> None:
+    assert await cache.ping() is True
+
+
+async def test_memory_cache_expires_and_evicts() -> None:
+    cache = MemoryCache(ttl=60, max_entries=3)
+    ids = [uuid.uuid4() for _ in range(4)]
+    await cache.set_many([(i, b"x") for i in ids])
+    assert await cache.get(ids[0]) is None  # least recently used, evicted
+    assert await cache.get(ids[3]) == b"x"
+    expired = MemoryCache(ttl=0)
+    await expired.set_many([(ids[0], b"x")])
+    assert await expired.get(ids[0]) is None
+
+
+async def test_redis_cache_down_is_skipped_then_probed(caplog: pytest.LogCaptureFixture) -> None:
+    cache = RedisCache("redis://127.0.0.1:1/0", timeout=0.2, prefix="", ttl=60, client_name="credit-scoring-test")
+    try:
+        decision_id = uuid.uuid4()
+        assert await cache.get(decision_id) is None
+        assert cache.errors == 1
+        # Backing off: the next calls do not touch the dead server at all.
+        for _ in range(5):
+            assert await cache.get(decision_id) is None
+            await cache.set_many([(decision_id, b"x")])
+        assert cache.errors == 1
+        warnings = [r for r in caplog.records if "Redis cache unavailable" in r.getMessage()]
+        assert len(warnings) == 1
+    finally:
+        await cache.close()
+
+
+async def test_decision_json_round_trips_through_msgspec(credit_model: CreditModel) -> None:
+    record = make_record(credit_model)
+    assert msgspec.json.decode(encoder.encode(record.decision), type=Decision) == record.decision
