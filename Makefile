@@ -1,0 +1,37 @@
+# The venv is built from requirements.txt on first use and rebuilt when it changes.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: run migrate test lint train clean
+
+$(BIN)/.installed: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+## run: serve the API exactly as the Procfile's web: line does (PORT defaults to 8000)
+run: $(BIN)/.installed
+	bash -c "$$(sed -n 's/^web: //p' Procfile)"
+
+## migrate: bring the database schema up to date (the Procfile's release: line)
+migrate: $(BIN)/.installed
+	bash -c "$$(sed -n 's/^release: //p' Procfile)"
+
+## test: the whole suite against the PostgreSQL and Redis on this machine
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## lint: ruff and mypy
+lint: $(BIN)/.installed
+	$(BIN)/ruff check service tests
+	$(BIN)/ruff format --check service tests
+	$(BIN)/mypy
+
+## train: retrain the model into artifacts/ (commit the artifact and its metadata)
+train: $(BIN)/.installed
+	$(BIN)/python -m service.training
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
