@@ -41,8 +41,19 @@ class Record:
 
     decision: Decision
     applicant: Applicant
+    # A batch stores its key and request hash on its first row only.
     idempotency_key: str | None = None
     request_hash: str | None = None
+    batch_id: uuid.UUID | None = None
+    batch_position: int | None = None
+
+
+@dataclass(frozen=True)
+class ExistingBatch:
+    """The batch already stored under an Idempotency-Key, in its original order."""
+
+    decisions: list[Decision]
+    request_hash: str | None
 
 
 @dataclass(frozen=True)
@@ -61,8 +72,8 @@ class Store(Protocol):
     async def insert(self, record: Record) -> Existing | None:
         """Commit the record, or return the one already stored under its idempotency key."""
 
-    async def insert_many(self, records: Sequence[Record]) -> None:
-        """Commit all records in one transaction, or none of them."""
+    async def insert_many(self, records: Sequence[Record]) -> ExistingBatch | None:
+        """Commit all records in one transaction, or none; or return the batch already stored under the key."""
 
     async def get(self, decision_id: uuid.UUID) -> Decision | None: ...
 
@@ -99,6 +110,8 @@ _COLUMNS: list[tuple[str, type | None]] = [
     ("reasons", None),
     ("idempotency_key", None),
     ("request_hash", None),
+    ("batch_id", None),
+    ("batch_position", None),
 ]
 _SPECIAL = {
     "postgres": {
@@ -107,6 +120,8 @@ _SPECIAL = {
         "reasons": "jsonb NOT NULL",
         "idempotency_key": "text UNIQUE",
         "request_hash": "text",
+        "batch_id": "uuid",
+        "batch_position": "integer",
     },
     "sqlite": {
         "id": "TEXT PRIMARY KEY",
@@ -114,6 +129,8 @@ _SPECIAL = {
         "reasons": "TEXT NOT NULL",
         "idempotency_key": "TEXT UNIQUE",
         "request_hash": "TEXT",
+        "batch_id": "TEXT",
+        "batch_position": "INTEGER",
     },
 }
 
@@ -135,6 +152,8 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
             dialect: [
                 _create_table(dialect),
                 "CREATE INDEX IF NOT EXISTS decisions_created_at ON decisions (created_at)",
+                "CREATE INDEX IF NOT EXISTS decisions_batch ON decisions (batch_id, batch_position)"
+                " WHERE batch_id IS NOT NULL",
             ]
             for dialect in ("postgres", "sqlite")
         },
@@ -142,6 +161,8 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
 ]
 
 _NAMES = [name for name, _ in _COLUMNS]
+# The batch that holds a key, in order; a key held by a single decision has no batch.
+_BATCH_OF_KEY = " WHERE batch_id = (SELECT batch_id FROM decisions WHERE idempotency_key = {p}) ORDER BY batch_position"
 _SELECT = (
     "SELECT id, decision, probability_of_default, risk_category, score, CAST(reasons AS TEXT), model_version,"
     " created_at, request_hash FROM decisions"
@@ -151,10 +172,12 @@ _SELECT = (
 def _row(record: Record, dialect: str) -> tuple[Any, ...]:
     d, a = record.decision, record.applicant
     reasons = encoder.encode(d.reasons).decode()
+    batch_id: Any = record.batch_id
     if dialect == "postgres":
         head: tuple[Any, ...] = (d.id, d.created_at)
     else:
         head = (str(d.id), d.created_at.isoformat())
+        batch_id = None if batch_id is None else str(batch_id)
     return (
         *head,
         d.model_version,
@@ -166,6 +189,8 @@ def _row(record: Record, dialect: str) -> tuple[Any, ...]:
         reasons,
         record.idempotency_key,
         record.request_hash,
+        batch_id,
+        record.batch_position,
     )
 
 
@@ -189,14 +214,32 @@ def _decision(row: Sequence[Any]) -> Existing:
     )
 
 
+def _existing_batch(rows: Sequence[Sequence[Any]]) -> ExistingBatch:
+    # No rows: the key is held by a single decision, so it cannot match this batch.
+    found = [_decision(row) for row in rows]
+    return ExistingBatch(
+        decisions=[f.decision for f in found],
+        request_hash=found[0].request_hash if found else None,
+    )
+
+
 # -- PostgreSQL ------------------------------------------------------------------
 
 _PG_INSERT = (
     f"INSERT INTO decisions ({', '.join(_NAMES)}) VALUES ({', '.join(['%s'] * len(_NAMES))})"
     " ON CONFLICT (idempotency_key) DO NOTHING"
 )
-# Errors that mean "the database is not there right now", as opposed to a bug.
-_PG_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
+# Errors that are our bugs, not the database's state: let them surface as such.
+_PG_BUGS = (psycopg.ProgrammingError, psycopg.DataError, psycopg.IntegrityError, psycopg.NotSupportedError)
+# How long migrations wait for another migrator's lock before start-up gives up.
+MIGRATION_LOCK_TIMEOUT = "15s"
+MIGRATION_TIMEOUT = 30.0
+
+
+def _consume_outcome(task: asyncio.Future[Any]) -> None:
+    # An abandoned call's late failure is expected; retrieve it so asyncio does not log it as lost.
+    if not task.cancelled():
+        task.exception()
 
 
 class PostgresStore:
@@ -230,6 +273,12 @@ class PostgresStore:
                 "autocommit": True,
                 "application_name": application_name,
                 "connect_timeout": max(1, round(connect_timeout)),
+                # Notice a peer that vanished without closing (a failover, a cut
+                # network) within ~20 s even on an idle pooled connection.
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 2,
             },
             name="decisions",
         )
@@ -244,18 +293,41 @@ class PostgresStore:
             raise
         return cls(pool, url, request_timeout)
 
-    async def _run(self, action: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+    async def _run(
+        self, action: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], limit: float | None = None
+    ) -> T:
+        """Run `action` on a pooled connection; any outage, including a server that stops answering, is a 503."""
+        # Bounds the whole call, not just the wait for a connection: a server that
+        # accepts but never answers must not hold a request (or shutdown) forever.
+        # The call runs as its own task because cancelling psycopg mid-query makes it
+        # send the server a cancel request and wait for that too; we answer at the
+        # deadline and let that clean-up finish in the background.
+        task = asyncio.ensure_future(self._on_connection(action))
         try:
-            async with self._pool.connection(timeout=self._request_timeout) as conn:
-                return await action(conn)
-        except _PG_UNAVAILABLE as exc:
+            return await asyncio.wait_for(asyncio.shield(task), limit or self._request_timeout * 2)
+        except TimeoutError:
+            task.cancel()
+            task.add_done_callback(_consume_outcome)
+            raise StoreUnavailable("The system of record did not answer in time.") from None
+        except asyncio.CancelledError:
+            task.cancel()
+            task.add_done_callback(_consume_outcome)
+            raise
+        except _PG_BUGS:
+            raise
+        except psycopg.Error as exc:  # connection lost, read-only after failover, admin shutdown...
             raise StoreUnavailable(f"The system of record is unavailable: {type(exc).__name__}.") from exc
+
+    async def _on_connection(self, action: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        async with self._pool.connection(timeout=self._request_timeout) as conn:
+            return await action(conn)
 
     async def migrate(self) -> list[int]:
         async def apply(conn: psycopg.AsyncConnection[Any]) -> list[int]:
             async with conn.transaction():
                 # Serialises concurrent migrators (several workers, the release phase);
-                # released at COMMIT.
+                # released at COMMIT. Bounded, so a stuck migrator cannot stall start-up.
+                await conn.execute(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT}'")
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
                 await conn.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations"
@@ -277,7 +349,7 @@ class PostgresStore:
                     applied.append(version)
                 return applied
 
-        return await self._run(apply)
+        return await self._run(apply, limit=MIGRATION_TIMEOUT)
 
     async def insert(self, record: Record) -> Existing | None:
         async def insert(conn: psycopg.AsyncConnection[Any]) -> Existing | None:
@@ -292,12 +364,21 @@ class PostgresStore:
 
         return await self._run(insert)
 
-    async def insert_many(self, records: Sequence[Record]) -> None:
-        async def insert_all(conn: psycopg.AsyncConnection[Any]) -> None:
-            async with conn.transaction(), conn.cursor() as cur:
-                await cur.executemany(_PG_INSERT, [_row(r, "postgres") for r in records])
+    async def insert_many(self, records: Sequence[Record]) -> ExistingBatch | None:
+        rows = [_row(r, "postgres") for r in records]
 
-        await self._run(insert_all)
+        async def insert_all(conn: psycopg.AsyncConnection[Any]) -> ExistingBatch | None:
+            async with conn.transaction(), conn.cursor() as cur:
+                # The first row carries the batch's idempotency key, if any: if it is
+                # already taken, nothing is written and the stored batch is returned.
+                await cur.execute(_PG_INSERT, rows[0])
+                if cur.rowcount == 0:
+                    await cur.execute(_SELECT + _BATCH_OF_KEY.format(p="%s"), (records[0].idempotency_key,))
+                    return _existing_batch(await cur.fetchall())
+                await cur.executemany(_PG_INSERT, rows[1:])
+                return None
+
+        return await self._run(insert_all)
 
     async def get(self, decision_id: uuid.UUID) -> Decision | None:
         async def get(conn: psycopg.AsyncConnection[Any]) -> Decision | None:
@@ -309,7 +390,11 @@ class PostgresStore:
 
     async def ping(self) -> None:
         async def ping(conn: psycopg.AsyncConnection[Any]) -> None:
-            await conn.execute("SELECT 1")
+            cur = await conn.execute("SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'")
+            row = await cur.fetchone()
+            # A standby (or a read-only database after a failover) answers, but cannot record.
+            if row is None or row[0]:
+                raise StoreUnavailable("The system of record is read-only.")
 
         await self._run(ping)
 
@@ -364,7 +449,9 @@ class SQLiteStore:
     async def _run(self, action: Callable[[sqlite3.Connection], T]) -> T:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, action, self._conn)
-        except sqlite3.OperationalError as exc:  # locked, disk full, file gone
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+            raise
+        except sqlite3.DatabaseError as exc:  # locked, read-only, disk full, file gone
             raise StoreUnavailable(f"The system of record is unavailable: {exc}.") from exc
 
     async def migrate(self) -> list[int]:
@@ -406,19 +493,25 @@ class SQLiteStore:
 
         return await self._run(insert)
 
-    async def insert_many(self, records: Sequence[Record]) -> None:
+    async def insert_many(self, records: Sequence[Record]) -> ExistingBatch | None:
         rows = [_row(r, "sqlite") for r in records]
 
-        def insert_all(conn: sqlite3.Connection) -> None:
+        def insert_all(conn: sqlite3.Connection) -> ExistingBatch | None:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(_SQLITE_INSERT, rows)
+                if conn.execute(_SQLITE_INSERT, rows[0]).rowcount == 0:
+                    found = conn.execute(_SELECT + _BATCH_OF_KEY.format(p="?"), (records[0].idempotency_key,))
+                    existing = _existing_batch(found.fetchall())
+                else:
+                    conn.executemany(_SQLITE_INSERT, rows[1:])
+                    existing = None
                 conn.execute("COMMIT")
+                return existing
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
 
-        await self._run(insert_all)
+        return await self._run(insert_all)
 
     async def get(self, decision_id: uuid.UUID) -> Decision | None:
         def get(conn: sqlite3.Connection) -> Decision | None:

@@ -19,6 +19,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._open = True
+        self._frozen = False
         self._closed = False
         threading.Thread(target=self._accept, daemon=True, name="proxy-accept").start()
 
@@ -45,7 +46,8 @@ class TcpProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self._frozen:  # frozen: bytes vanish, nobody answers
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
@@ -67,8 +69,13 @@ class TcpProxy:
         for s in live:
             self._drop(s)
 
+    def freeze(self) -> None:
+        """The server hangs: connections stay open but nothing gets through."""
+        self._frozen = True
+
     def restore(self) -> None:
         self._open = True
+        self._frozen = False
 
     def close(self) -> None:
         self.cut()

@@ -6,7 +6,9 @@ import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
+from psycopg import sql
 from starlette.testclient import TestClient
 
 from service.app import create_app
@@ -49,3 +51,57 @@ def test_postgres_outage_answers_503_then_recovers(proxied: tuple[TcpProxy, str]
             time.sleep(0.2)
         assert status == 201
         assert client.get("/health/ready").status_code == 200
+
+
+def test_postgres_that_stops_answering_gives_503_in_bounded_time(
+    proxied: tuple[TcpProxy, str], applicant: dict
+) -> None:
+    proxy, url = proxied
+    settings = Settings(database_url=url, database_request_timeout=1.0, database_connect_timeout=2.0)
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/decisions", json=applicant).status_code == 201
+        proxy.freeze()
+        started = time.monotonic()
+        response = client.post("/decisions", json=applicant)
+        assert response.status_code == 503
+        assert response.headers["retry-after"]
+        # The whole call is bounded (2 x DATABASE_REQUEST_TIMEOUT), not just the pool wait.
+        assert time.monotonic() - started < 3.5
+        assert client.get("/health/ready").status_code == 503
+        proxy.restore()
+
+
+@pytest.fixture
+def read_only_database(postgres_url: str) -> Iterator[str]:
+    """A database of its own that the test can turn read-only, as after a failover to a standby."""
+    admin_url = urlunsplit(urlsplit(postgres_url)._replace(path="/postgres"))
+    name = urlsplit(postgres_url).path.lstrip("/") + "_ro"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield name
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_read_only_database_gives_503_not_500(postgres_url: str, read_only_database: str, applicant: dict) -> None:
+    url = urlunsplit(urlsplit(postgres_url)._replace(path=f"/{read_only_database}"))
+    admin_url = urlunsplit(urlsplit(postgres_url)._replace(path="/postgres"))
+    with TestClient(create_app(Settings(database_url=url))) as client:
+        assert client.post("/decisions", json=applicant).status_code == 201
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(
+                    sql.Identifier(read_only_database)
+                )
+            )
+            # New sessions see the setting: end the pool's current ones.
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (read_only_database,)
+            )
+        response = client.post("/decisions", json=applicant)
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["database"] == "unavailable"
