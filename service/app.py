@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
 from service.errors import ServiceError, handle_http_exception, handle_service_error
-from service.lifecycle import Lifecycle, Step, default_steps
+from service.lifecycle import Lifecycle, QuietStartupFailure, Step, default_steps
 from service.middleware import RequestContext
 from service.routes import ROUTES
 from service.settings import Settings
@@ -17,12 +17,15 @@ from service.settings import Settings
 
 def create_app(settings: Settings | None = None, steps: Sequence[Step] | None = None) -> Starlette:
     """Build the app; with no settings, start-up reads them from the environment."""
-    return Starlette(
+    app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(RequestContext)],
+        middleware=[Middleware(QuietStartupFailure), Middleware(RequestContext)],
         exception_handlers={ServiceError: handle_service_error, HTTPException: handle_http_exception},
         lifespan=Lifecycle(steps if steps is not None else default_steps(settings)),
     )
+    # /decisions/ is not /decisions: answer 404, not a redirect built from the Host header.
+    app.router.redirect_slashes = False
+    return app
 
 
 app = create_app()

@@ -2,6 +2,7 @@
 
     ServiceError                    any error with an HTTP answer
     ├── BadRequest                  400  body is not JSON, not UTF-8, or empty
+    │   └── InvalidHeader           400  a malformed Idempotency-Key
     ├── Unauthorized                401  missing or wrong API key
     ├── NotFound                    404  unknown decision id or path
     ├── MethodNotAllowed            405
@@ -12,8 +13,8 @@
     │   └── IdempotencyKeyReused    422  same Idempotency-Key, other body
     └── ServiceUnavailable          503  system of record unreachable, or shutting down
 
-Storage and cache failures are StoreUnavailable (a ServiceUnavailable) and
-CacheError (never answered: the cache is best-effort).
+Storage failures are StoreUnavailable (a ServiceUnavailable). ClientGone is a
+client that hung up mid-request: there is no one left to answer.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class BadRequest(ServiceError):
     """The body is not JSON, not UTF-8, or empty."""
 
     status, title, slug = 400, "Malformed request body", "malformed-body"
+
+
+class InvalidHeader(BadRequest):
+    """A request header has a value we cannot use."""
+
+    title, slug = "Invalid header", "invalid-header"
 
 
 class Unauthorized(ServiceError):
@@ -127,8 +134,8 @@ class StoreUnavailable(ServiceUnavailable):
     """The system of record did not answer in time."""
 
 
-class CacheError(Exception):
-    """The cache failed; callers log it, count it, and carry on without it."""
+class ClientGone(Exception):
+    """The client disconnected before its request was read; nothing to answer."""
 
 
 # msgspec reports missing and unknown fields at the enclosing object's path; we

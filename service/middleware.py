@@ -13,11 +13,13 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
-from service.errors import ServiceError, problem_response
+from service.errors import ClientGone, ServiceError, problem_response
 
 access_logger = logging.getLogger("service.access")
 error_logger = logging.getLogger("service.errors")
 
+# nginx's code for "the client closed the connection before we answered".
+CLIENT_CLOSED_REQUEST = 499
 # A caller's id is echoed into logs and headers, so it must be short and plain.
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -48,6 +50,8 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientGone:
+            status = CLIENT_CLOSED_REQUEST
         except Exception:
             # A bug, not a client error: log it whole, but still answer with a
             # problem document (and the request id) if nothing was sent yet.
@@ -59,7 +63,8 @@ class RequestContext:
             access_logger.info(
                 "%s %s %d %.1f ms",
                 scope["method"],
-                scope["path"],
+                # The path as sent, still percent-encoded: a decoded %0a would forge a log line.
+                scope.get("raw_path", b"").decode("ascii", "backslashreplace") or scope["path"],
                 status or 500,
                 (time.perf_counter() - started) * 1000,
             )

@@ -7,14 +7,17 @@ Handlers reach the model, the store and the cache only through
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -22,8 +25,10 @@ from service.errors import (
     PROBLEM_MEDIA_TYPE,
     RETRY_AFTER_SECONDS,
     BadRequest,
+    ClientGone,
     Conflict,
     IdempotencyKeyReused,
+    InvalidHeader,
     NotFound,
     PayloadTooLarge,
     StoreUnavailable,
@@ -31,7 +36,7 @@ from service.errors import (
     UnsupportedMediaType,
     from_validation_error,
 )
-from service.schemas import applicant_decoder, batch_decoder, encoder
+from service.schemas import BatchResponse, applicant_decoder, batch_decoder, encoder
 from service.storage import Record
 
 JSON = "application/json"
@@ -69,11 +74,14 @@ async def _read_json_body(request: Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"The body is {declared} bytes; this endpoint accepts at most {limit}.")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:  # a chunked body carries no Content-Length to check up front
-            raise PayloadTooLarge(f"The body exceeds {limit} bytes, the most this endpoint accepts.")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # a chunked body carries no Content-Length to check up front
+                raise PayloadTooLarge(f"The body exceeds {limit} bytes, the most this endpoint accepts.")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone("The client disconnected before sending the whole body.") from None
     body = b"".join(chunks)
     if not body.strip():
         raise BadRequest("The request body is empty; send a JSON object.")
@@ -96,7 +104,7 @@ def _idempotency_key(request: Request) -> str | None:
     if key is None:
         return None
     if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
-        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters.")
+        raise InvalidHeader(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters.")
     return key
 
 
@@ -111,44 +119,68 @@ def _now() -> dt.datetime:
 # -- decisions ------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _claim(request: Request, key: str) -> Iterator[None]:
+    """Hold an Idempotency-Key for the duration of one request in this process."""
+    in_flight: set[str] = request.app.state.idempotency_in_flight
+    if key in in_flight:
+        raise Conflict(f"A request with Idempotency-Key {key!r} is still being processed; retry shortly.")
+    in_flight.add(key)
+    try:
+        yield
+    finally:
+        in_flight.discard(key)
+
+
+def _key_reused(key: str) -> IdempotencyKeyReused:
+    return IdempotencyKeyReused(f"Idempotency-Key {key!r} was already used with a different body; use a new key.")
+
+
 async def create_decision(request: Request) -> Response:
     state = request.app.state
     _authorize(request)
     key = _idempotency_key(request)
     applicant = _decode(applicant_decoder, await _read_json_body(request, MAX_BODY))
     decision = state.model.decide(applicant, uuid.uuid4(), _now())
-    location = {"Location": f"/decisions/{decision.id}"}
     if key is None:
         await state.store.insert(Record(decision, applicant))
     else:
-        in_flight: set[str] = state.idempotency_in_flight
-        if key in in_flight:
-            raise Conflict(f"A request with Idempotency-Key {key!r} is still being processed; retry shortly.")
         request_hash = hashlib.sha256(encoder.encode(applicant)).hexdigest()
-        in_flight.add(key)
-        try:
+        with _claim(request, key):
             existing = await state.store.insert(Record(decision, applicant, key, request_hash))
-        finally:
-            in_flight.discard(key)
         if existing is not None:
             if existing.request_hash != request_hash:
-                raise IdempotencyKeyReused(
-                    f"Idempotency-Key {key!r} was already used with a different body; use a new key."
-                )
+                raise _key_reused(key)
             return _json(encoder.encode(existing.decision), 200, {"Location": f"/decisions/{existing.decision.id}"})
     # The row is committed: only now may we answer 201.
     payload = encoder.encode(decision)
     await state.cache.set_many([(decision.id, payload)])
-    return _json(payload, 201, location)
+    return _json(payload, 201, {"Location": f"/decisions/{decision.id}"})
 
 
 async def create_batch(request: Request) -> Response:
     state = request.app.state
     _authorize(request)
+    key = _idempotency_key(request)
     batch = _decode(batch_decoder, await _read_json_body(request, MAX_BATCH_BODY))
     now = _now()
+    batch_id = uuid.uuid4()
     decisions = [state.model.decide(a, uuid.uuid4(), now) for a in batch.applicants]
-    await state.store.insert_many([Record(d, a) for d, a in zip(decisions, batch.applicants, strict=True)])
+    records = [
+        Record(d, a, batch_id=batch_id, batch_position=i)
+        for i, (d, a) in enumerate(zip(decisions, batch.applicants, strict=True))
+    ]
+    if key is None:
+        await state.store.insert_many(records)
+    else:
+        request_hash = hashlib.sha256(encoder.encode(batch)).hexdigest()
+        records[0] = dataclasses.replace(records[0], idempotency_key=key, request_hash=request_hash)
+        with _claim(request, key):
+            existing = await state.store.insert_many(records)
+        if existing is not None:
+            if existing.request_hash != request_hash:
+                raise _key_reused(key)
+            return _json(encoder.encode(BatchResponse(existing.decisions)), 200)
     # Encode each decision once: the same bytes go to the cache and into the reply.
     payloads = [encoder.encode(d) for d in decisions]
     await state.cache.set_many([(d.id, p) for d, p in zip(decisions, payloads, strict=True)])
@@ -158,16 +190,13 @@ async def create_batch(request: Request) -> Response:
 async def get_decision(request: Request) -> Response:
     state = request.app.state
     _authorize(request)
-    raw_id = request.path_params["decision_id"]
-    try:
-        decision_id = uuid.UUID(raw_id)
-    except ValueError:
-        raise NotFound(f"There is no decision with id {raw_id!r}.") from None
+    # The route's uuid convertor already turned anything else into a 404.
+    decision_id: uuid.UUID = request.path_params["decision_id"]
     payload = await state.cache.get(decision_id)
     if payload is None:
         decision = await state.store.get(decision_id)
         if decision is None:
-            raise NotFound(f"There is no decision with id {raw_id!r}.")
+            raise NotFound(f"There is no decision with id {decision_id}.")
         payload = encoder.encode(decision)
         await state.cache.set_many([(decision_id, payload)])
     return _json(payload)
@@ -219,7 +248,7 @@ async def ready(request: Request) -> Response:
 ROUTES = [
     Route("/decisions", create_decision, methods=["POST"]),
     Route("/decisions/batch", create_batch, methods=["POST"]),
-    Route("/decisions/{decision_id}", get_decision, methods=["GET"]),
+    Route("/decisions/{decision_id:uuid}", get_decision, methods=["GET"]),
     Route("/model", get_model, methods=["GET"]),
     Route("/health/live", live, methods=["GET"]),
     Route("/health/ready", ready, methods=["GET"]),

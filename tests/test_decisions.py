@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import uuid
 from typing import Any
@@ -101,8 +102,11 @@ def test_create_decision_answers_409_while_same_key_in_flight(
     assert count_rows(settings, "idempotency_key = %s", (key,)) == 0
 
 
-def test_create_decision_rejects_malformed_idempotency_key(client: TestClient, applicant: dict) -> None:
-    assert_problem(client.post("/decisions", json=applicant, headers={"Idempotency-Key": "x" * 256}), 400)
+@pytest.mark.parametrize("key", ["x" * 256, "", "caf\u00e9"])
+def test_create_decision_rejects_malformed_idempotency_key(client: TestClient, applicant: dict, key: str) -> None:
+    headers = [(b"idempotency-key", key.encode())]
+    body = assert_problem(client.post("/decisions", json=applicant, headers=headers), 400)
+    assert body["title"] == "Invalid header" and "Idempotency-Key" in body["detail"]
 
 
 # -- validation and body errors ------------------------------------------------------------
@@ -218,6 +222,27 @@ def test_batch_with_one_invalid_applicant_stores_nothing(
     assert count_rows(settings) == before
 
 
+def test_batch_with_same_idempotency_key_returns_original_batch(
+    client: TestClient, settings: Settings, applicants: list[dict]
+) -> None:
+    key = f"batch-{uuid.uuid4()}"
+    body = {"applicants": applicants[:4]}
+    first = client.post("/decisions/batch", json=body, headers={"Idempotency-Key": key})
+    before = count_rows(settings)
+    again = client.post("/decisions/batch", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json() == first.json()
+    assert count_rows(settings) == before
+    other = client.post("/decisions/batch", json={"applicants": applicants[:3]}, headers={"Idempotency-Key": key})
+    assert_problem(other, 422)
+    # A key first used by a batch cannot be replayed as a single decision, nor the reverse.
+    assert_problem(client.post("/decisions", json=applicants[0], headers={"Idempotency-Key": key}), 422)
+    single = f"single-{uuid.uuid4()}"
+    assert client.post("/decisions", json=applicants[0], headers={"Idempotency-Key": single}).status_code == 201
+    assert_problem(client.post("/decisions/batch", json=body, headers={"Idempotency-Key": single}), 422)
+    assert count_rows(settings) == before + 1
+
+
 @pytest.mark.parametrize("size", [0, 1001])
 def test_batch_rejects_size_outside_1_to_1000(client: TestClient, applicant: dict, size: int) -> None:
     body = assert_problem(client.post("/decisions/batch", json={"applicants": [applicant] * size}), 422)
@@ -264,7 +289,7 @@ def _evict(client: TestClient, settings: Settings, decision_id: str) -> None:
         del cache._entries[uuid.UUID(decision_id)]
 
 
-@pytest.mark.parametrize("decision_id", [str(uuid.UUID(int=0)), "not-a-uuid", "batch"])
+@pytest.mark.parametrize("decision_id", [str(uuid.UUID(int=0)), "not-a-uuid", "0" * 40])
 def test_get_unknown_decision_is_404(client: TestClient, decision_id: str) -> None:
     assert_problem(client.get(f"/decisions/{decision_id}"), 404)
 
@@ -276,10 +301,18 @@ def test_unknown_path_is_problem_404(client: TestClient) -> None:
     assert_problem(client.get("/nope"), 404)
 
 
-def test_wrong_method_is_problem_405(client: TestClient) -> None:
-    response = client.delete("/decisions")
+@pytest.mark.parametrize(
+    ("method", "path"), [("DELETE", "/decisions"), ("GET", "/decisions"), ("GET", "/decisions/batch")]
+)
+def test_wrong_method_is_problem_405(client: TestClient, method: str, path: str) -> None:
+    response = client.request(method, path)
     assert_problem(response, 405)
     assert "POST" in response.headers["allow"]
+
+
+@pytest.mark.parametrize("path", ["/decisions/", "/model/"])
+def test_trailing_slash_is_404_not_redirect(client: TestClient, path: str) -> None:
+    assert_problem(client.get(path, follow_redirects=False), 404)
 
 
 def test_api_keys_guard_decisions(settings: Settings, applicant: dict) -> None:
@@ -339,3 +372,44 @@ def test_request_id_is_echoed_or_made(client: TestClient) -> None:
     # An id that could forge log lines is replaced, not echoed.
     assert client.get("/health/live", headers={"X-Request-ID": "a b\tc"}).headers["x-request-id"] != "a b\tc"
     assert client.get("/nope").headers["x-request-id"]
+
+
+def test_client_that_hangs_up_mid_body_is_logged_not_an_error(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    incoming = [{"type": "http.request", "body": b'{"age": 3', "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return incoming.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/decisions",
+        "raw_path": b"/decisions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"x-request-id", b"gone-1")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    caplog.clear()
+    client.portal.call(client.app, scope, receive, send)  # type: ignore[union-attr]
+    assert sent == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    access = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    assert access and access[0].startswith("POST /decisions 499 ")
+
+
+def test_access_log_keeps_path_encoded(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.clear()
+    client.get("/decisions/x%0aFAKE%20LINE")
+    access = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    assert access == [access[0]] and "\n" not in access[0] and "%0a" in access[0]

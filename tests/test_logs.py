@@ -1,0 +1,65 @@
+"""Logs for operators: one access line per request with its id, JSON when asked, no secrets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import pytest
+from starlette.testclient import TestClient
+
+from service import logs
+from service.app import create_app
+from service.settings import Settings
+
+
+def test_access_line_per_request_carries_method_path_status_duration_and_id(
+    settings: Settings, caplog: pytest.LogCaptureFixture, applicant: dict
+) -> None:
+    with TestClient(create_app(settings)) as client:
+        caplog.clear()
+        response = client.post("/decisions", json=applicant, headers={"X-Request-ID": "req-42"})
+    access = [r for r in caplog.records if r.name == "service.access"]
+    assert len(access) == 1
+    assert access[0].getMessage().startswith("POST /decisions 201 ")
+    assert access[0].getMessage().endswith(" ms")
+    assert access[0].request_id == "req-42" == response.headers["x-request-id"]  # type: ignore[attr-defined]
+
+
+def test_info_logs_hold_no_applicant_data_or_api_key(
+    settings: Settings, caplog: pytest.LogCaptureFixture, applicant: dict
+) -> None:
+    caplog.set_level(logging.INFO)
+    keyed = dataclasses.replace(settings, api_keys=("super-secret-key",))
+    applicant = {**applicant, "purpose": "retraining", "credit_amount": 98765.4}
+    with TestClient(create_app(keyed)) as client:
+        client.post("/decisions", json=applicant, headers={"Authorization": "Bearer super-secret-key"})
+        client.post("/decisions", json=applicant, headers={"Authorization": "Bearer wrong-key"})
+    assert "super-secret-key" not in caplog.text
+    assert "wrong-key" not in caplog.text
+    assert "98765" not in caplog.text
+    assert "retraining" not in caplog.text
+
+
+def test_json_format_writes_one_object_per_line_with_request_id() -> None:
+    record = logging.LogRecord("service.access", logging.INFO, __file__, 1, "GET %s %d", ("/x", 200), None)
+    record.request_id = "abc"
+    line = logs.JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["message"] == "GET /x 200"
+    assert entry["request_id"] == "abc"
+    assert entry["level"] == "INFO" and entry["logger"] == "service.access"
+    assert entry["time"].endswith("Z")
+
+
+def test_text_format_shows_request_id() -> None:
+    record = logging.LogRecord("service.access", logging.INFO, __file__, 1, "hello", (), None)
+    record.request_id = "abc"
+    assert "[abc] hello" in logs.TextFormatter().format(record)
+
+
+def test_lenient_config_falls_back_to_defaults_before_validation() -> None:
+    assert logs.lenient_config({"LOG_LEVEL": "loud", "LOG_FORMAT": "xml"}) == ("INFO", "text")
+    assert logs.lenient_config({"LOG_LEVEL": "debug", "LOG_FORMAT": "JSON"}) == ("DEBUG", "json")
