@@ -12,8 +12,9 @@ $(BIN)/.installed: requirements.txt
 	touch $@
 
 ## run: serve the API exactly as the Procfile's web: line does (PORT defaults to 8000)
+# uvicorn re-raises SIGTERM/SIGINT after a clean shutdown (exit 143/130): not an error.
 run: $(BIN)/.installed
-	bash -c "$$(sed -n 's/^web: //p' Procfile)"
+	bash -c "$$(sed -n 's/^web: //p' Procfile)"; code=$$?; [ $$code -eq 143 ] || [ $$code -eq 130 ] || exit $$code
 
 ## migrate: bring the database schema up to date (the Procfile's release: line)
 migrate: $(BIN)/.installed
@@ -25,8 +26,8 @@ test: $(BIN)/.installed
 
 ## lint: ruff and mypy
 lint: $(BIN)/.installed
-	$(BIN)/ruff check service tests
-	$(BIN)/ruff format --check service tests
+	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff format --check service tests bench
 	$(BIN)/mypy
 
 ## train: retrain the model into artifacts/ (commit the artifact and its metadata)

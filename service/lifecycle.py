@@ -13,16 +13,21 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.datastructures import State
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs, model, storage
 from service.cache import MemoryCache, RedisCache
-from service.settings import Settings
+from service.errors import StoreUnavailable
+from service.model import ModelError
+from service.settings import ConfigError, Settings
 
 logger = logging.getLogger("service.lifecycle")
 
@@ -30,6 +35,11 @@ STARTING = "Starting API and initializing all objects"
 STARTED = "Successfully started API and initialized all objects"
 CLOSING = "Closing API."
 CLOSED = "Successfully closed API."
+
+
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Failures whose message says it all; anything else is logged with its traceback.
+EXPECTED_STARTUP_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ModelError, StoreUnavailable, OSError)
 
 
 class StartupError(Exception):
@@ -45,12 +55,14 @@ class Step:
     """One start-up handler, and the shutdown handler that undoes it.
 
     `start` returns a phrase for the log (what was opened, where); `stop` likewise.
-    `stop_timeout` bounds the stop: a hung close is abandoned so the rest still run.
+    Both are bounded: a start that hangs fails start-up; a stop that hangs is
+    abandoned so the rest still run.
     """
 
     name: str
     start: Opener
     stop: Closer | None = None
+    start_timeout: float = 30.0
     stop_timeout: float = 5.0
 
 
@@ -69,6 +81,7 @@ def _settings_step(configured: Settings | None) -> Step:
         state.settings = settings
         state.api_keys = tuple(k.encode() for k in settings.api_keys)
         state.shutting_down = False
+        state.shutdown_began = None
         state.idempotency_in_flight = set()
         auth = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "no API keys (open)"
         return f"read configuration: log {settings.log_level}/{settings.log_format}, {auth}"
@@ -126,13 +139,54 @@ async def _load_model(state: State) -> str:
     )
 
 
+def begin_shutdown(state: State, signal_name: str | None = None) -> None:
+    """Mark the start of shutdown: readiness turns 503 and the shutdown budget starts counting."""
+    if state.shutdown_began is None:
+        state.shutdown_began = time.monotonic()
+        state.shutting_down = True
+        logger.info(CLOSING)
+        if signal_name:
+            logger.info("Received %s: no new connections; draining in-flight requests", signal_name)
+
+
+async def _watch_signals(state: State) -> str:
+    # uvicorn catches SIGTERM/SIGINT itself and only calls the lifespan shutdown
+    # after draining; we chain onto its handlers so shutdown (and its budget,
+    # and readiness 503) begins the moment the signal arrives.
+    if threading.current_thread() is not threading.main_thread():
+        return "not on the main thread (in-process test client); shutdown begins with the lifespan"
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(begin_shutdown, state, signal.Signals(signum).name)
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)
+        elif handler == signal.SIG_DFL:  # nobody else handles it: let it act as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    for sig in SHUTDOWN_SIGNALS:
+        previous[sig] = signal.signal(sig, on_signal)
+    state.previous_signal_handlers = previous
+    return "watching SIGTERM and SIGINT"
+
+
+async def _unwatch_signals(state: State) -> str:
+    for sig, handler in getattr(state, "previous_signal_handlers", {}).items():
+        signal.signal(sig, handler)
+    return "restored the signal handlers"
+
+
 def default_steps(settings: Settings | None = None) -> list[Step]:
     return [
         _settings_step(settings),
-        Step("store", _open_store, _close_store, stop_timeout=5.0),
-        Step("migrations", _migrate),
-        Step("cache", _open_cache, _close_cache, stop_timeout=2.0),
-        Step("model", _load_model),
+        Step("store", _open_store, _close_store, start_timeout=60.0, stop_timeout=5.0),
+        Step("migrations", _migrate, start_timeout=60.0),
+        Step("cache", _open_cache, _close_cache, start_timeout=5.0, stop_timeout=2.0),
+        Step("model", _load_model, start_timeout=120.0),
+        Step("signals", _watch_signals, _unwatch_signals, stop_timeout=1.0),
     ]
 
 
@@ -155,10 +209,22 @@ class Lifecycle:
         for step in self.startup:
             started = time.perf_counter()
             try:
-                done = await step.start(state)
+                done = await asyncio.wait_for(step.start(state), step.start_timeout)
             except BaseException as exc:
-                reason = str(exc) or type(exc).__name__
-                logger.error("Startup step %r failed after %s: %s", step.name, _elapsed(started), reason)
+                if isinstance(exc, TimeoutError):
+                    reason = f"did not finish within {step.start_timeout:g} s"
+                else:
+                    reason = str(exc) or type(exc).__name__
+                # Expected failures get one clear line; anything else is a bug and gets its traceback.
+                expected = isinstance(exc, (TimeoutError, *EXPECTED_STARTUP_ERRORS))
+                logger.error(
+                    "Startup step %r failed after %s: %s",
+                    step.name,
+                    _elapsed(started),
+                    reason,
+                    exc_info=None if expected else exc,
+                )
+                state.startup_failure = reason
                 await self._run_shutdown(state, shutdown, budget=_budget(state))
                 if isinstance(exc, Exception):
                     raise StartupError(f"Startup failed at step {step.name!r}: {reason}") from None
@@ -170,9 +236,10 @@ class Lifecycle:
         try:
             yield
         finally:
-            logger.info(CLOSING)
-            state.shutting_down = True
-            await self._run_shutdown(state, shutdown, budget=_budget(state))
+            begin_shutdown(state)
+            # One budget for the whole stop: what draining used is gone.
+            spent = time.monotonic() - state.shutdown_began
+            await self._run_shutdown(state, shutdown, budget=max(0.0, _budget(state) - spent))
             logger.info(CLOSED)
 
     @staticmethod
@@ -192,6 +259,30 @@ class Lifecycle:
             else:
                 logger.info("Shutdown step %r: %s in %s", step.name, done, _elapsed(started))
         opened.clear()
+
+
+class QuietStartupFailure:
+    """Keeps uvicorn from logging a traceback after a failed start-up.
+
+    Starlette reports a failed lifespan start-up to the server with the traceback
+    as its message, which uvicorn logs. The failing step has already logged one
+    clear line (with the traceback only when it was a bug), so we send none.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_quietly(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, send_quietly)
 
 
 def _budget(state: State) -> float:

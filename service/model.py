@@ -282,7 +282,14 @@ def load(model_path: Path) -> CreditModel:
         raise ModelError(f"Model artifact {model_path} cannot be unpickled ({exc!r}); run `make train`.") from exc
 
     scorer = Scorer.from_pipeline(pipeline, metadata.features)
-    data = dataset.load(model_path.parent / Path(metadata.training.data).parent)
+    data_dir = model_path.parent / Path(metadata.training.data).parent
+    try:
+        data = dataset.load(data_dir)
+    except (OSError, dataset.DatasetError) as exc:
+        raise ModelError(
+            f"The self-check needs the training data beside the artifact, in {data_dir}: {exc}. "
+            "Copy artifacts/data/ next to the model, or run `make train`."
+        ) from exc
     expected = pipeline.predict_proba(to_matrix(data.applicants))[:, 1]
     direct = np.array([scorer.probability(a) for a in data.applicants])
     max_difference = float(np.max(np.abs(direct - expected)))

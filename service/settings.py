@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SQLITE_PATH = PROJECT_ROOT / "var" / "decisions.sqlite3"
@@ -23,18 +23,24 @@ class ConfigError(Exception):
     """An environment variable has a value the service cannot use."""
 
 
+# libpq and redis-py also take secrets as query parameters (?password=...).
+_SECRET_PARAMETERS = {"password", "sslpassword", "passfile", "sslkey"}
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ***, for logs and error messages."""
+    """The URL with its password (in the user part or the query) replaced by ***, for logs and errors."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if ":" in host:  # an IPv6 literal lost its brackets in hostname
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port is not None else ""
-        netloc = f"{parts.username or ''}:***@{host}{port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        if parts.password is not None:
+            host = parts.hostname or ""
+            if ":" in host:  # an IPv6 literal lost its brackets in hostname
+                host = f"[{host}]"
+            port = f":{parts.port}" if parts.port is not None else ""
+            parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}{port}")
+        if parts.query:
+            query = [(k, "***" if k.lower() in _SECRET_PARAMETERS else v) for k, v in parse_qsl(parts.query, True)]
+            parts = parts._replace(query=urlencode(query, safe="*"))
+        return urlunsplit(parts)
     except ValueError:
         return "<unparsable URL>"
 
@@ -42,9 +48,10 @@ def mask_url(url: str) -> str:
 @dataclass(frozen=True)
 class Settings:
     port: int = 8000
-    database_url: str | None = None
+    # URLs may hold passwords: never in a repr that could end up in a log.
+    database_url: str | None = field(default=None, repr=False)
     sqlite_path: Path = DEFAULT_SQLITE_PATH
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
     model_path: Path = DEFAULT_MODEL_PATH
     log_level: str = "INFO"
     log_format: str = "text"
@@ -70,7 +77,8 @@ class Settings:
             model_path=Path(env.get("MODEL_PATH") or DEFAULT_MODEL_PATH),
             log_level=_log_level(env),
             log_format=_choice(env, "LOG_FORMAT", "text", LOG_FORMATS),
-            shutdown_timeout=_seconds(env, "SHUTDOWN_TIMEOUT", 25.0),
+            # Whole seconds: the Procfile hands it to uvicorn, which takes an integer.
+            shutdown_timeout=_int(env, "SHUTDOWN_TIMEOUT", 25, minimum=1, maximum=3600),
             api_keys=tuple(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
             database_pool_size=_int(env, "DATABASE_POOL_SIZE", 10, minimum=1, maximum=1000),
             database_connect_timeout=_seconds(env, "DATABASE_CONNECT_TIMEOUT", 5.0, positive=True),

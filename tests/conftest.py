@@ -91,6 +91,8 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
             database_url=request.getfixturevalue("postgres_url"),
             redis_url=request.getfixturevalue("redis_url"),
             redis_key_prefix=redis_prefix(),
+            # Short-lived, so a run that dies before its clean-up leaves nothing for long.
+            cache_ttl=600,
         )
     return Settings(sqlite_path=tmp_path / "decisions.sqlite3")
 

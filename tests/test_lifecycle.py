@@ -26,7 +26,7 @@ def lifecycle_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def served_settings(postgres_url: str, redis_url: str, **changes: object) -> Settings:
-    base = Settings(database_url=postgres_url, redis_url=redis_url, redis_key_prefix=redis_prefix())
+    base = Settings(database_url=postgres_url, redis_url=redis_url, redis_key_prefix=redis_prefix(), cache_ttl=600)
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -37,14 +37,15 @@ def test_startup_and_shutdown_run_steps_in_order_and_log_each(
         pass
     lines = lifecycle_lines(caplog)
     assert lines[0] == STARTING
-    started = [re.match(r"Startup step '(\w+)': .* in [\d.]+ ms$", line) for line in lines[1:6]]
-    assert [m.group(1) for m in started if m] == ["settings", "store", "migrations", "cache", "model"]
-    assert lines[6] == STARTED
-    assert lines[7] == CLOSING
-    stopped = [re.match(r"Shutdown step '(\w+)': closed .* in [\d.]+ ms$", line) for line in lines[8:10]]
-    assert [m.group(1) for m in stopped if m] == ["cache", "store"]
-    assert lines[10] == CLOSED
-    assert len(lines) == 11
+    started = [re.match(r"Startup step '(\w+)': .* in [\d.]+ ms$", line) for line in lines[1:7]]
+    assert [m.group(1) for m in started if m] == ["settings", "store", "migrations", "cache", "model", "signals"]
+    assert lines[7] == STARTED
+    assert lines[8] == CLOSING
+    stopped = [re.match(r"Shutdown step '(\w+)': .* in [\d.]+ ms$", line) for line in lines[9:12]]
+    assert [m.group(1) for m in stopped if m] == ["signals", "cache", "store"]
+    assert "closed" in lines[10] and "closed" in lines[11]
+    assert lines[12] == CLOSED
+    assert len(lines) == 13
 
 
 def test_startup_puts_model_store_cache_on_app_state(settings: Settings) -> None:
@@ -77,7 +78,7 @@ def test_missing_model_fails_startup_and_closes_pool_and_redis(
         return "counted"
 
     steps = default_steps(settings)
-    steps.insert(-1, Step("probe", count_open_connections))
+    steps.insert([s.name for s in steps].index("model"), Step("probe", count_open_connections))
     with (
         pytest.raises(StartupError, match=r"step 'model'.*does not exist; run `make train`"),
         TestClient(create_app(steps=steps)),

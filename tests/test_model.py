@@ -18,6 +18,7 @@ import pytest
 
 from service import dataset, model
 from service.model import CreditModel, ModelError
+from service.schemas import allowed_values
 from service.settings import DEFAULT_MODEL_PATH
 
 
@@ -69,25 +70,42 @@ def test_training_leaves_out_protected_columns(credit_model: CreditModel) -> Non
 
 
 def test_reasons_are_contributions_against_average_applicant(credit_model: CreditModel) -> None:
-    """The contributions sum to the log-odds minus the average applicant's log-odds."""
-    for applicant in dataset.load().applicants[:50]:
-        contributions = credit_model.scorer.contributions(applicant)
-        p = credit_model.scorer.probability(applicant)
-        assert credit_model.scorer.bias + sum(contributions) == pytest.approx(np.log(p / (1 - p)), abs=1e-9)
+    """Reasons agree with contributions computed from sklearn's own transform and coefficients."""
+    pipeline = joblib.load(DEFAULT_MODEL_PATH)
+    transformer = pipeline.named_steps["features"]
+    coef = pipeline.named_steps["regression"].coef_[0]
+    data = dataset.load()
+    train_idx, _ = _split(data, credit_model)
+    average = transformer.transform(model.to_matrix([data.applicants[i] for i in train_idx])).mean(axis=0)
+    for applicant in data.applicants[:100]:
+        row = transformer.transform(model.to_matrix([applicant]))[0]
+        expected: dict[str, float] = {}
+        for kind, names in (("categorical", model.CATEGORICAL_FIELDS), ("numeric", model.NUMERIC_FIELDS)):
+            offset = transformer.output_indices_[kind].start
+            for name in names:
+                width = len(allowed_values(name) or (None,))  # one column per category, or one numeric
+                cols = slice(offset, offset + width)
+                expected[name] = float(coef[cols] @ (row[cols] - average[cols]))
+                offset += width
+        ranked = sorted(((c, n) for n, c in expected.items() if c > 0), reverse=True)[:4]
         decision = credit_model.decide(applicant, uuid.uuid4(), dt.datetime.now(dt.UTC))
-        positive = sorted((c for c in contributions if c > 0), reverse=True)[:4]
-        assert [r.contribution for r in decision.reasons] == pytest.approx(positive, abs=1e-6)
+        assert [r.feature for r in decision.reasons] == [n for _, n in ranked]
+        assert [r.contribution for r in decision.reasons] == pytest.approx([c for c, _ in ranked], abs=1e-6)
+
+
+def _split(data: dataset.Dataset, credit_model: CreditModel) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    meta = credit_model.metadata.training
+    idx = np.arange(len(data.applicants))
+    return tuple(  # type: ignore[return-value]
+        train_test_split(idx, test_size=meta.held_out_fraction, stratify=np.array(data.labels), random_state=meta.seed)
+    )
 
 
 def test_contributions_average_to_zero_over_training_rows(credit_model: CreditModel) -> None:
     data = dataset.load()
-    meta = credit_model.metadata.training
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(data.applicants))
-    train_idx, _ = train_test_split(
-        idx, test_size=meta.held_out_fraction, stratify=np.array(data.labels), random_state=meta.seed
-    )
+    train_idx, _ = _split(data, credit_model)
     rows = np.array([credit_model.scorer.contributions(data.applicants[i]) for i in train_idx])
     assert np.abs(rows.mean(axis=0)).max() < 1e-9
 

@@ -87,6 +87,7 @@ def service_env(postgres_url: str, redis_url: str) -> dict[str, str]:
         REDIS_URL=redis_url,
         REDIS_KEY_PREFIX=redis_prefix(),
         SHUTDOWN_TIMEOUT="10",
+        CACHE_TTL="600",
     )
     return env
 
@@ -116,7 +117,12 @@ def test_sigterm_exits_cleanly_and_leaves_no_connection(started: Service, postgr
     assert seconds < 10
     for line in (STARTING, STARTED, CLOSING, CLOSED):
         assert line in log
-    assert log.index(CLOSING) < log.index("Shutdown step 'store': closed") < log.index(CLOSED)
+    assert (
+        log.index(CLOSING)
+        < log.index("Received SIGTERM")
+        < log.index("Shutdown step 'store': closed")
+        < log.index(CLOSED)
+    )
     assert "Traceback" not in log
     assert wait_until(lambda: postgres_connections(postgres_url, started.app_name) == 0)
     assert wait_until(lambda: redis_clients(started.app_name) == 0)

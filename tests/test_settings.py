@@ -52,6 +52,8 @@ def test_settings_reads_every_variable() -> None:
         ("SHUTDOWN_TIMEOUT", "-1"),
         ("SHUTDOWN_TIMEOUT", "soon"),
         ("SHUTDOWN_TIMEOUT", "nan"),
+        ("SHUTDOWN_TIMEOUT", "2.5"),
+        ("SHUTDOWN_TIMEOUT", "0"),
         ("DATABASE_POOL_SIZE", "0"),
     ],
 )
@@ -67,8 +69,11 @@ def test_settings_error_masks_password() -> None:
     assert "hunter2" not in str(info.value)
 
 
-def test_settings_repr_hides_api_keys() -> None:
-    assert "sekrit" not in repr(Settings(api_keys=("sekrit",)))
+def test_settings_repr_hides_api_keys_and_urls() -> None:
+    settings = Settings(api_keys=("sekrit",), database_url="postgresql://u:pw1@h/db", redis_url="redis://:pw2@h")
+    assert not {"sekrit", "pw1", "pw2"} & set(
+        repr(settings).replace("'", " ").replace(":", " ").replace("@", " ").split()
+    )
 
 
 @pytest.mark.parametrize(
@@ -78,6 +83,8 @@ def test_settings_repr_hides_api_keys() -> None:
         ("postgresql://u@host/db", "postgresql://u@host/db"),
         ("redis://:pw@cache:6379/0", "redis://:***@cache:6379/0"),
         ("postgresql://u:pw@[::1]:5432/db", "postgresql://u:***@[::1]:5432/db"),
+        ("postgresql://u@h/db?password=pw&sslmode=require", "postgresql://u@h/db?password=***&sslmode=require"),
+        ("rediss://h:6380/0?ssl_cert_reqs=none", "rediss://h:6380/0?ssl_cert_reqs=none"),
     ],
 )
 def test_mask_url_hides_only_the_password(url: str, masked: str) -> None:
