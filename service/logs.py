@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import logging
+import os
 import sys
 from collections.abc import Mapping
 
@@ -21,7 +22,7 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
-class _RequestIdFilter(logging.Filter):
+class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
         return True
@@ -65,16 +66,22 @@ def lenient_config(environ: Mapping[str, str]) -> tuple[str, str]:
     )
 
 
+def formatter_from_env() -> logging.Formatter:
+    """For service/log_config.json, which uvicorn applies before it imports the app."""
+    return JsonFormatter() if lenient_config(os.environ)[1] == "json" else TextFormatter()
+
+
 def configure(level: str = "INFO", fmt: str = "text") -> None:
     """Send every logger (ours and uvicorn's) to stderr in one format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(_RequestIdFilter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
+    # Replace our earlier handler (from log_config.json or a previous start-up), keep
+    # anyone else's (pytest's capture, say).
     for old in list(root.handlers):
-        if getattr(old, "_credit_scoring", False):
+        if isinstance(old.formatter, (TextFormatter, JsonFormatter)):
             root.removeHandler(old)
-    handler._credit_scoring = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
     for name in _UVICORN_LOGGERS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -170,3 +171,30 @@ def test_release_phase_migrates(service_env: dict[str, str]) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Schema up to date" in result.stderr
+
+
+def test_json_log_format_holds_from_first_line_to_last(service_env: dict[str, str], tmp_path: Path) -> None:
+    service = Service({**service_env, "LOG_FORMAT": "json"}, tmp_path / "json.log")
+    try:
+        service.wait_ready()
+        httpx.get(f"{service.url}/health/live", headers={"X-Request-ID": "json-1"}, timeout=5)
+        service.stop(signal.SIGTERM)
+    finally:
+        if service.process.poll() is None:
+            service.process.kill()
+            service.process.wait()
+    entries = [json.loads(line) for line in service.log().splitlines()]
+    messages = [e["message"] for e in entries]
+    assert messages[0].startswith("Started server process")
+    assert STARTING in messages and CLOSED in messages
+    assert any(e["request_id"] == "json-1" and e["logger"] == "service.access" for e in entries)
+
+
+def test_bad_configuration_exits_nonzero_with_one_clear_line(service_env: dict[str, str], tmp_path: Path) -> None:
+    service = Service({**service_env, "LOG_LEVEL": "LOUD"}, tmp_path / "bad.log")
+    code = service.process.wait(30)
+    log = service.log()
+    assert code != 0
+    assert "Startup step 'settings' failed" in log and "LOG_LEVEL must be one of" in log
+    assert "Traceback" not in log
+    assert STARTED not in log
