@@ -44,7 +44,9 @@ class Cache(Protocol):
 
 
 class RedisCache:
-    def __init__(self, url: str, *, timeout: float, prefix: str, ttl: int, client_name: str) -> None:
+    def __init__(
+        self, url: str, *, timeout: float, prefix: str, ttl: int, client_name: str, max_connections: int = 10
+    ) -> None:
         self.description = f"Redis at {mask_url(url)}"
         self._prefix = prefix + KEY_PREFIX
         self._ttl = ttl
@@ -55,7 +57,10 @@ class RedisCache:
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             client_name=client_name,
+            # Bounded, so the connection budget (workers x this) is a real number.
+            max_connections=max_connections,
         )
+        self.max_connections = max_connections
         self.errors = self.hits = self.misses = 0
         self._down_since: float | None = None
         self._retry_at = 0.0
@@ -126,6 +131,15 @@ class RedisCache:
             return False
         self._succeeded()
         return True
+
+    async def max_clients(self) -> int | None:
+        """Redis's maxclients, or None when the server will not tell (CONFIG disabled, or down)."""
+        try:
+            reply = await self.client.config_get("maxclients")
+        except (redis.RedisError, OSError):
+            return None
+        value = dict(reply).get("maxclients")
+        return int(value) if value is not None else None
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -28,6 +28,7 @@ from service.cache import MemoryCache, RedisCache
 from service.errors import StoreUnavailable
 from service.model import ModelError
 from service.settings import ConfigError, Settings
+from service.tasks import abandon
 
 logger = logging.getLogger("service.lifecycle")
 
@@ -115,6 +116,7 @@ async def _open_cache(state: State) -> str:
         prefix=settings.redis_key_prefix,
         ttl=settings.cache_ttl,
         client_name=_application_name(),
+        max_connections=settings.redis_pool_size,
     )
     state.cache = cache
     # Not fatal: the cache is best-effort. ping() logs the outage and backs off.
@@ -126,6 +128,37 @@ async def _open_cache(state: State) -> str:
 async def _close_cache(state: State) -> str:
     await state.cache.close()
     return f"closed {state.cache.description}"
+
+
+async def _check_connection_budget(state: State) -> str:
+    """Every worker opens its own pools: make sure all of them fit on the servers."""
+    settings: Settings = state.settings
+    workers = settings.web_concurrency
+    found = []
+    if isinstance(state.store, storage.PostgresStore):
+        need = workers * state.store.pool_size
+        max_connections, reserved, in_use = await state.store.capacity()
+        usable = max_connections - reserved
+        if need > usable:
+            raise ConfigError(
+                f"WEB_CONCURRENCY={workers} workers x DATABASE_POOL_SIZE={state.store.pool_size} = {need} "
+                f"PostgreSQL connections, but the server allows {usable} (max_connections {max_connections} - "
+                f"{reserved} reserved). Lower WEB_CONCURRENCY or DATABASE_POOL_SIZE, or raise max_connections."
+            )
+        found.append(
+            f"PostgreSQL {workers} x {state.store.pool_size} = {need} of {usable} allowed ({in_use} in use now)"
+        )
+    if isinstance(state.cache, RedisCache):
+        need = workers * state.cache.max_connections
+        max_clients = await state.cache.max_clients()
+        if max_clients is not None and need > max_clients:
+            raise ConfigError(
+                f"WEB_CONCURRENCY={workers} workers x REDIS_POOL_SIZE={state.cache.max_connections} = {need} Redis "
+                f"connections, but the server's maxclients is {max_clients}. Lower WEB_CONCURRENCY or REDIS_POOL_SIZE."
+            )
+        allowed = f"of {max_clients} allowed" if max_clients is not None else "(maxclients not readable)"
+        found.append(f"Redis {workers} x {state.cache.max_connections} = {need} {allowed}")
+    return "connection budget: " + ("; ".join(found) if found else "no network connections (SQLite, in-process cache)")
 
 
 async def _load_model(state: State) -> str:
@@ -185,6 +218,7 @@ def default_steps(settings: Settings | None = None) -> list[Step]:
         Step("store", _open_store, _close_store, start_timeout=60.0, stop_timeout=5.0),
         Step("migrations", _migrate, start_timeout=60.0),
         Step("cache", _open_cache, _close_cache, start_timeout=5.0, stop_timeout=2.0),
+        Step("budget", _check_connection_budget, start_timeout=10.0),
         Step("model", _load_model, start_timeout=120.0),
         Step("signals", _watch_signals, _unwatch_signals, stop_timeout=1.0),
     ]
@@ -250,10 +284,16 @@ class Lifecycle:
             assert step.stop is not None
             timeout = max(0.0, min(step.stop_timeout, deadline - time.monotonic()))
             started = time.perf_counter()
-            try:
-                done = await asyncio.wait_for(step.stop(state), timeout)
-            except TimeoutError:
+            # asyncio.wait, not wait_for: wait_for waits for the cancelled close to
+            # unwind, and a close stuck on a dead server may never do so.
+            task = asyncio.ensure_future(step.stop(state))
+            await asyncio.wait({task}, timeout=timeout)
+            if not task.done():
+                abandon(task)
                 logger.error("Shutdown step %r did not finish within %.1f s; abandoned it", step.name, timeout)
+                continue
+            try:
+                done = task.result()
             except Exception as exc:
                 logger.error("Shutdown step %r failed after %s: %s", step.name, _elapsed(started), exc)
             else:

@@ -57,12 +57,15 @@ class Settings:
     log_format: str = "text"
     shutdown_timeout: float = 25.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Worker processes (uvicorn reads the same variable): each has its own pools.
+    web_concurrency: int = 1
     database_pool_size: int = 10
     # Bounded waits: how long start-up waits for PostgreSQL, and how long a request
     # waits for a pooled connection before answering 503.
     database_connect_timeout: float = 5.0
     database_request_timeout: float = 3.0
     redis_timeout: float = 0.25
+    redis_pool_size: int = 10
     redis_key_prefix: str = ""
     cache_ttl: int = 86_400
 
@@ -80,10 +83,12 @@ class Settings:
             # Whole seconds: the Procfile hands it to uvicorn, which takes an integer.
             shutdown_timeout=_int(env, "SHUTDOWN_TIMEOUT", 25, minimum=1, maximum=3600),
             api_keys=tuple(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
+            web_concurrency=_int(env, "WEB_CONCURRENCY", 1, minimum=1, maximum=256),
             database_pool_size=_int(env, "DATABASE_POOL_SIZE", 10, minimum=1, maximum=1000),
             database_connect_timeout=_seconds(env, "DATABASE_CONNECT_TIMEOUT", 5.0, positive=True),
             database_request_timeout=_seconds(env, "DATABASE_REQUEST_TIMEOUT", 3.0, positive=True),
             redis_timeout=_seconds(env, "REDIS_TIMEOUT", 0.25, positive=True),
+            redis_pool_size=_int(env, "REDIS_POOL_SIZE", 10, minimum=1, maximum=1000),
             redis_key_prefix=env.get("REDIS_KEY_PREFIX", ""),
             cache_ttl=_int(env, "CACHE_TTL", 86_400, minimum=1, maximum=10 * 365 * 86_400),
         )

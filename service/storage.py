@@ -26,6 +26,7 @@ import psycopg_pool
 from service.errors import StoreUnavailable
 from service.schemas import APPLICANT_FIELDS, Applicant, Decision, encoder, reasons_decoder
 from service.settings import mask_url
+from service.tasks import abandon
 
 logger = logging.getLogger(__name__)
 
@@ -236,12 +237,6 @@ MIGRATION_LOCK_TIMEOUT = "15s"
 MIGRATION_TIMEOUT = 30.0
 
 
-def _consume_outcome(task: asyncio.Future[Any]) -> None:
-    # An abandoned call's late failure is expected; retrieve it so asyncio does not log it as lost.
-    if not task.cancelled():
-        task.exception()
-
-
 class PostgresStore:
     def __init__(self, pool: psycopg_pool.AsyncConnectionPool, url: str, request_timeout: float) -> None:
         self._pool = pool
@@ -306,12 +301,10 @@ class PostgresStore:
         try:
             return await asyncio.wait_for(asyncio.shield(task), limit or self._request_timeout * 2)
         except TimeoutError:
-            task.cancel()
-            task.add_done_callback(_consume_outcome)
+            abandon(task)
             raise StoreUnavailable("The system of record did not answer in time.") from None
         except asyncio.CancelledError:
-            task.cancel()
-            task.add_done_callback(_consume_outcome)
+            abandon(task)
             raise
         except _PG_BUGS:
             raise
@@ -400,6 +393,25 @@ class PostgresStore:
 
     async def close(self) -> None:
         await self._pool.close(timeout=5.0)
+
+    @property
+    def pool_size(self) -> int:
+        return int(self._pool.max_size)
+
+    async def capacity(self) -> tuple[int, int, int]:
+        """The server's max_connections, how many of them are reserved for superusers, and how many are in use."""
+
+        async def read(conn: psycopg.AsyncConnection[Any]) -> tuple[int, int, int]:
+            cur = await conn.execute(
+                "SELECT current_setting('max_connections')::int,"
+                " current_setting('superuser_reserved_connections')::int,"
+                " (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int"
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0]), int(row[1]), int(row[2])
+
+        return await self._run(read)
 
     def stats(self) -> dict[str, int]:
         return self._pool.get_stats()

@@ -36,16 +36,17 @@ def test_startup_and_shutdown_run_steps_in_order_and_log_each(
     with TestClient(create_app(settings)):
         pass
     lines = lifecycle_lines(caplog)
+    steps = ["settings", "store", "migrations", "cache", "budget", "model", "signals"]
     assert lines[0] == STARTING
-    started = [re.match(r"Startup step '(\w+)': .* in [\d.]+ ms$", line) for line in lines[1:7]]
-    assert [m.group(1) for m in started if m] == ["settings", "store", "migrations", "cache", "model", "signals"]
-    assert lines[7] == STARTED
-    assert lines[8] == CLOSING
-    stopped = [re.match(r"Shutdown step '(\w+)': .* in [\d.]+ ms$", line) for line in lines[9:12]]
+    started = [re.match(r"Startup step '(\w+)': .* in [\d.]+ ms$", line) for line in lines[1 : 1 + len(steps)]]
+    assert [m.group(1) for m in started if m] == steps
+    rest = lines[1 + len(steps) :]
+    assert rest[0] == STARTED
+    assert rest[1] == CLOSING
+    stopped = [re.match(r"Shutdown step '(\w+)': (.*) in [\d.]+ ms$", line) for line in rest[2:5]]
     assert [m.group(1) for m in stopped if m] == ["signals", "cache", "store"]
-    assert "closed" in lines[10] and "closed" in lines[11]
-    assert lines[12] == CLOSED
-    assert len(lines) == 13
+    assert all(m.group(2).startswith("closed") for m in stopped[1:] if m)
+    assert rest[5:] == [CLOSED]
 
 
 def test_startup_puts_model_store_cache_on_app_state(settings: Settings) -> None:
@@ -175,3 +176,27 @@ def test_shutdown_budget_bounds_all_steps(tmp_path: Path, caplog: pytest.LogCapt
         pass
     assert time.monotonic() - started < 2.5
     assert "Shutdown step 'a' did not finish" in caplog.text
+
+
+def test_connection_budget_is_logged(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    with TestClient(create_app(dataclasses.replace(settings, web_concurrency=3))):
+        pass
+    line = next(line for line in lifecycle_lines(caplog) if line.startswith("Startup step 'budget'"))
+    if settings.database_url:
+        assert f"PostgreSQL 3 x {settings.database_pool_size} = {3 * settings.database_pool_size} of " in line
+        assert "Redis 3 x 10 = 30 of " in line
+    else:
+        assert "no network connections" in line
+
+
+def test_connection_budget_over_max_connections_refuses_to_start(
+    postgres_url: str, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = served_settings(postgres_url, redis_url, web_concurrency=200, database_pool_size=50)
+    with (
+        pytest.raises(StartupError, match=r"WEB_CONCURRENCY=200 workers x DATABASE_POOL_SIZE=50 = 10000"),
+        TestClient(create_app(settings)),
+    ):
+        pass
+    assert wait_until(lambda: postgres_connections(postgres_url, APP_NAME) == 0)
+    assert wait_until(lambda: redis_clients(APP_NAME) == 0)
