@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run migrate test lint train clean
+.PHONY: run migrate test chaos lint train clean
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,11 +24,16 @@ migrate: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## lint: ruff and mypy
+## chaos: the long chaos suite (load, signals, outages); `make test` runs the short one
+chaos: $(BIN)/.installed
+	CHAOS=long $(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
+
+## lint: ruff, mypy, and the Kubernetes manifests against the API schema
 lint: $(BIN)/.installed
 	$(BIN)/ruff check service tests bench
 	$(BIN)/ruff format --check service tests bench
 	$(BIN)/mypy
+	$(BIN)/kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
 
 ## train: retrain the model into artifacts/ (commit the artifact and its metadata)
 train: $(BIN)/.installed

@@ -8,12 +8,13 @@ back-off period that doubles up to a ceiling, then one call probes it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Protocol, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypeVar, cast
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -22,6 +23,7 @@ from redis.backoff import NoBackoff
 from service.settings import mask_url
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 KEY_PREFIX = "decision:"
 BACKOFF_INITIAL = 1.0
@@ -43,6 +45,56 @@ class Cache(Protocol):
     async def close(self) -> None: ...
 
 
+class _Breaker:
+    """Keeps calls off a dead Redis: after it fails, nothing calls it until the back-off
+    ends; then a single probe does, and its answer decides. Logs once per transition."""
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+        self._retry_at = 0.0
+        self._backoff = BACKOFF_INITIAL
+        self._probe_in_flight = False
+
+    def admit(self, force: bool = False) -> bool | None:
+        """None: skip Redis. False: an ordinary call. True: this call is the probe."""
+        if self.down_since is None:
+            return False
+        if not force and (self._probe_in_flight or time.monotonic() < self._retry_at):
+            return None
+        self._probe_in_flight = True
+        return True
+
+    def failed(self, probe: bool, action: str, exc: Exception) -> bool:
+        """Record a failure; True when the pool should be dropped (we just went down, or a probe failed)."""
+        now = time.monotonic()
+        if probe:
+            self._probe_in_flight = False
+        if self.down_since is None:
+            self.down_since = now
+            self._backoff = BACKOFF_INITIAL
+            self._retry_at = now + self._backoff
+            logger.warning(
+                "Redis cache unavailable (%s failed: %s); serving from the system of record, probing again in %.0f s",
+                action,
+                type(exc).__name__,
+                self._backoff,
+            )
+            return True
+        if probe:
+            # Only a failed probe lengthens the back-off: the many calls that were
+            # already in flight when Redis died say nothing new.
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+            self._retry_at = now + self._backoff
+        return probe
+
+    def succeeded(self, probe: bool) -> None:
+        if probe:
+            self._probe_in_flight = False
+            if self.down_since is not None:
+                logger.info("Redis cache is back after %.1f s", time.monotonic() - self.down_since)
+                self.down_since = None
+
+
 class RedisCache:
     def __init__(
         self, url: str, *, timeout: float, prefix: str, ttl: int, client_name: str, max_connections: int = 10
@@ -51,86 +103,72 @@ class RedisCache:
         self._prefix = prefix + KEY_PREFIX
         self._ttl = ttl
         # No retries and short timeouts: a slow cache must never slow a decision.
-        self.client = redis.Redis.from_url(
+        # A blocking pool: when all connections are busy a call waits (briefly)
+        # for one, where the default pool would fail at once.
+        pool = redis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             client_name=client_name,
-            # Bounded, so the connection budget (workers x this) is a real number.
-            max_connections=max_connections,
         )
+        # from_pool: the client owns the pool, so aclose() closes its connections too.
+        self.client = redis.Redis.from_pool(pool)
         self.max_connections = max_connections
         self.errors = self.hits = self.misses = 0
-        self._down_since: float | None = None
-        self._retry_at = 0.0
-        self._backoff = BACKOFF_INITIAL
+        self._breaker = _Breaker()
 
-    def _available(self) -> bool:
-        return self._down_since is None or time.monotonic() >= self._retry_at
-
-    def _failed(self, action: str, exc: Exception) -> None:
-        self.errors += 1
-        now = time.monotonic()
-        if self._down_since is None:
-            self._down_since = now
-            self._backoff = BACKOFF_INITIAL
-            logger.warning(
-                "Redis cache unavailable (%s failed: %s); serving from the system of record, retrying in %.0f s",
-                action,
-                type(exc).__name__,
-                self._backoff,
-            )
-        else:
-            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
-        self._retry_at = now + self._backoff
-
-    def _succeeded(self) -> None:
-        if self._down_since is not None:
-            logger.info("Redis cache is back after %.1f s", time.monotonic() - self._down_since)
-            self._down_since = None
+    async def _call(self, action: str, call: Callable[[], Awaitable[T]], force: bool = False) -> tuple[bool, T | None]:
+        """(answered, result) of one Redis call, through the breaker; never raises."""
+        probe = self._breaker.admit(force)
+        if probe is None:
+            return False, None
+        try:
+            result = await call()
+        except (redis.RedisError, OSError) as exc:
+            self.errors += 1
+            if self._breaker.failed(probe, action, exc):
+                # Every pooled connection may be dead (a restarted server): drop them
+                # all, so the next probe dials afresh instead of the next stale socket.
+                with contextlib.suppress(redis.RedisError, OSError):
+                    await self.client.connection_pool.disconnect()
+            return False, None
+        self._breaker.succeeded(probe)
+        return True, result
 
     async def get(self, decision_id: uuid.UUID) -> bytes | None:
-        if not self._available():
+        answered, value = await self._call("GET", lambda: self.client.get(f"{self._prefix}{decision_id}"))
+        if not answered:
             return None
-        try:
-            value = cast(bytes | None, await self.client.get(f"{self._prefix}{decision_id}"))
-        except (redis.RedisError, OSError) as exc:
-            self._failed("GET", exc)
-            return None
-        self._succeeded()
         if value is None:
             self.misses += 1
         else:
             self.hits += 1
-        return value
+        return cast(bytes | None, value)
 
     async def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None:
-        if not items or not self._available():
+        if not items:
             return
-        try:
+
+        async def write() -> None:
             if len(items) == 1:
                 decision_id, payload = items[0]
                 await self.client.set(f"{self._prefix}{decision_id}", payload, ex=self._ttl)
-            else:
-                # One round trip for the whole batch; no MULTI, the entries are independent.
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for decision_id, payload in items:
-                        pipe.set(f"{self._prefix}{decision_id}", payload, ex=self._ttl)
-                    await pipe.execute()
-        except (redis.RedisError, OSError) as exc:
-            self._failed("SET", exc)
-            return
-        self._succeeded()
+                return
+            # One round trip for the whole batch; no MULTI, the entries are independent.
+            async with self.client.pipeline(transaction=False) as pipe:
+                for decision_id, payload in items:
+                    pipe.set(f"{self._prefix}{decision_id}", payload, ex=self._ttl)
+                await pipe.execute()
+
+        await self._call("SET", write)
 
     async def ping(self) -> bool:
-        try:
-            await self.client.ping()
-        except (redis.RedisError, OSError) as exc:
-            self._failed("PING", exc)
-            return False
-        self._succeeded()
-        return True
+        # Readiness probes always ask Redis, even while backing off: a cheap, steady probe.
+        answered, _ = await self._call("PING", self.client.ping, force=True)
+        return answered
 
     async def max_clients(self) -> int | None:
         """Redis's maxclients, or None when the server will not tell (CONFIG disabled, or down)."""

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,64 +16,9 @@ import pytest
 
 from service.lifecycle import CLOSED, CLOSING, STARTED, STARTING
 from tests.conftest import postgres_connections, redis_clients, redis_prefix, wait_until
+from tests.procfile import ROOT, Service, free_port, procfile_command
 
 pytestmark = pytest.mark.process
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def procfile_command(process_type: str) -> str:
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        kind, _, command = line.partition(":")
-        if kind.strip() == process_type:
-            return command.strip()
-    raise AssertionError(f"Procfile has no {process_type}: line")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Service:
-    """One uvicorn process from the Procfile, its log in a file, its port free for it."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.log_path = log
-        self.started = time.monotonic()
-        with log.open("ab") as output:
-            self.process = subprocess.Popen(
-                # exec: the signal must reach uvicorn itself, as on Heroku and Kubernetes.
-                ["bash", "-c", "exec " + procfile_command("web")],
-                cwd=ROOT,
-                env={**env, "PORT": str(self.port)},
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app_name = f"credit-scoring-{self.process.pid}"
-
-    def wait_ready(self, timeout: float = 30) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"service exited early:\n{self.log()}"
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
-                    return time.monotonic() - self.started
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"service not ready after {timeout} s:\n{self.log()}")
-
-    def stop(self, sig: signal.Signals, timeout: float = 30) -> tuple[int, float]:
-        sent = time.monotonic()
-        self.process.send_signal(sig)
-        code = self.process.wait(timeout)
-        return code, time.monotonic() - sent
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 @pytest.fixture
@@ -198,3 +141,37 @@ def test_bad_configuration_exits_nonzero_with_one_clear_line(service_env: dict[s
     assert "Startup step 'settings' failed" in log and "LOG_LEVEL must be one of" in log
     assert "Traceback" not in log
     assert STARTED not in log
+
+
+def test_kubernetes_command_makes_uvicorn_pid_of_the_container(service_env: dict[str, str], tmp_path: Path) -> None:
+    """The manifest's command must exec uvicorn itself, or SIGTERM would stop at a shell."""
+    import yaml
+
+    manifest = next(
+        d
+        for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
+        if d["kind"] == "Deployment"
+    )
+    command = manifest["spec"]["template"]["spec"]["containers"][0]["command"]
+    port = free_port()
+    with (tmp_path / "k8s.log").open("ab") as output:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env={**service_env, "PORT": str(port)}, stdout=output, stderr=subprocess.STDOUT
+        )
+    try:
+        assert wait_until(lambda: _ready(port), timeout=30)
+        assert b"uvicorn" in Path(f"/proc/{process.pid}/cmdline").read_bytes()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) in (0, -signal.SIGTERM)
+        assert "Successfully closed API." in (tmp_path / "k8s.log").read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
