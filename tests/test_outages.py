@@ -105,3 +105,26 @@ def test_read_only_database_gives_503_not_500(postgres_url: str, read_only_datab
         ready = client.get("/health/ready")
         assert ready.status_code == 503
         assert ready.json()["checks"]["database"] == "unavailable"
+
+
+def test_shutdown_with_frozen_postgres_and_redis_ends_inside_budget(
+    proxied: tuple[TcpProxy, str], redis_url: str, applicant: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Servers that stop answering mid-close cannot hold the shutdown past SHUTDOWN_TIMEOUT."""
+    proxy, url = proxied
+    redis_parts = urlsplit(redis_url)
+    with TcpProxy(redis_parts.hostname or "127.0.0.1", redis_parts.port or 6379) as redis_proxy:
+        settings = Settings(
+            database_url=url,
+            redis_url=f"redis://127.0.0.1:{redis_proxy.port}/0",
+            redis_key_prefix="frozen-close:",
+            shutdown_timeout=3,
+            cache_ttl=60,
+        )
+        with TestClient(create_app(settings)) as client:
+            assert client.post("/decisions", json=applicant).status_code == 201
+            proxy.freeze()
+            redis_proxy.freeze()
+            started = time.monotonic()
+        assert time.monotonic() - started < 3.5
+    assert "Successfully closed API." in caplog.text
