@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run migrate test chaos lint train clean
+.PHONY: run migrate test chaos lint train bench clean
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,3 +41,7 @@ train: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+## bench: wrk against the service and a decode-only ceiling; writes bench/RESULTS.md
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench.run $(BENCH_ARGS)

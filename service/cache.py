@@ -8,6 +8,7 @@ back-off period that doubles up to a ceiling, then one call probes it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -28,6 +29,8 @@ T = TypeVar("T")
 KEY_PREFIX = "decision:"
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 30.0
+# Cache writes waiting for the flusher; beyond this they are dropped.
+MAX_PENDING = 50_000
 
 
 class Cache(Protocol):
@@ -63,6 +66,10 @@ class _Breaker:
             return None
         self._probe_in_flight = True
         return True
+
+    def would_admit(self) -> bool:
+        """Whether a call now would reach Redis (it is up, or a probe is due)."""
+        return self.down_since is None or (not self._probe_in_flight and time.monotonic() >= self._retry_at)
 
     def failed(self, probe: bool, action: str, exc: Exception) -> bool:
         """Record a failure; True when the pool should be dropped (we just went down, or a probe failed)."""
@@ -119,6 +126,9 @@ class RedisCache:
         self.max_connections = max_connections
         self.errors = self.hits = self.misses = 0
         self._breaker = _Breaker()
+        # Writes wait here for the flusher: off the response path, one pipeline per round.
+        self._pending: dict[uuid.UUID, bytes] = {}
+        self._flusher: asyncio.Future[None] | None = None
 
     async def _call(self, action: str, call: Callable[[], Awaitable[T]], force: bool = False) -> tuple[bool, T | None]:
         """(answered, result) of one Redis call, through the breaker; never raises."""
@@ -139,6 +149,10 @@ class RedisCache:
         return True, result
 
     async def get(self, decision_id: uuid.UUID) -> bytes | None:
+        pending = self._pending.get(decision_id)
+        if pending is not None:  # written a moment ago, not yet flushed
+            self.hits += 1
+            return pending
         answered, value = await self._call("GET", lambda: self.client.get(f"{self._prefix}{decision_id}"))
         if not answered:
             return None
@@ -149,21 +163,28 @@ class RedisCache:
         return cast(bytes | None, value)
 
     async def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None:
-        if not items:
+        """Queue the entries and return at once; the flusher writes them in one pipeline."""
+        if not self._breaker.would_admit():  # Redis is down and no probe is due: drop
             return
+        if len(self._pending) >= MAX_PENDING:  # Redis cannot keep up: drop, it is only a cache
+            self.errors += len(items)
+            return
+        self._pending.update(items)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
 
-        async def write() -> None:
-            if len(items) == 1:
-                decision_id, payload = items[0]
-                await self.client.set(f"{self._prefix}{decision_id}", payload, ex=self._ttl)
-                return
-            # One round trip for the whole batch; no MULTI, the entries are independent.
-            async with self.client.pipeline(transaction=False) as pipe:
-                for decision_id, payload in items:
-                    pipe.set(f"{self._prefix}{decision_id}", payload, ex=self._ttl)
-                await pipe.execute()
+    async def _flush(self) -> None:
+        while self._pending:
+            items, self._pending = self._pending, {}
 
-        await self._call("SET", write)
+            async def write(items: dict[uuid.UUID, bytes] = items) -> None:
+                # One round trip for everything queued; no MULTI, the entries are independent.
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for decision_id, payload in items.items():
+                        pipe.set(f"{self._prefix}{decision_id}", payload, ex=self._ttl)
+                    await pipe.execute()
+
+            await self._call("SET", write)
 
     async def ping(self) -> bool:
         # Readiness probes always ask Redis, even while backing off: a cheap, steady probe.
@@ -180,6 +201,9 @@ class RedisCache:
         return int(value) if value is not None else None
 
     async def close(self) -> None:
+        # Whatever is still queued is written first (the lifecycle bounds how long this may take).
+        if self._flusher is not None and not self._flusher.done():
+            await self._flusher
         await self.client.aclose()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -266,6 +267,11 @@ class Lifecycle:
             logger.info("Startup step %r: %s in %s", step.name, done, _elapsed(started))
             if step.stop is not None:
                 shutdown.append(step)
+        # Start-up leaves many long-lived objects (scikit-learn, numpy, the model):
+        # move them out of the collector's sight, so a full collection under load
+        # scans only what requests create instead of stalling the loop.
+        gc.collect()
+        gc.freeze()
         logger.info(STARTED)
         try:
             yield

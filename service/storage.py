@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import sqlite3
 import uuid
@@ -237,10 +238,40 @@ MIGRATION_LOCK_TIMEOUT = "15s"
 MIGRATION_TIMEOUT = 30.0
 
 
+# Most records one group commit takes; the rest wait for the next.
+MAX_GROUP = 256
+
+
+async def _insert_group(conn: psycopg.AsyncConnection[Any], *, records: Sequence[Record]) -> list[Existing | None]:
+    """Insert the records in one transaction; for each, None, or the record already under its key."""
+    async with conn.transaction(), conn.cursor() as cur:
+        # Pipelined: one round trip for the whole group.
+        await cur.executemany(_PG_INSERT + " RETURNING id", [_row(r, "postgres") for r in records], returning=True)
+        inserted = []
+        while True:
+            inserted.append(await cur.fetchone() is not None)
+            if not cur.nextset():
+                break
+        outcomes: list[Existing | None] = []
+        for record, was_inserted in zip(records, inserted, strict=True):
+            if was_inserted:
+                outcomes.append(None)
+                continue
+            # Its Idempotency-Key is taken (rare): answer with the stored record.
+            await cur.execute(_SELECT + " WHERE idempotency_key = %s", (record.idempotency_key,))
+            row = await cur.fetchone()
+            if row is None:  # pragma: no cover - a conflict implies the row exists
+                raise StoreUnavailable("The idempotency record vanished; retry the request.")
+            outcomes.append(_decision(row))
+        return outcomes
+
+
 class PostgresStore:
     def __init__(self, pool: psycopg_pool.AsyncConnectionPool, url: str, request_timeout: float) -> None:
         self._pool = pool
         self._request_timeout = request_timeout
+        self._pending: list[tuple[Record, asyncio.Future[Existing | None]]] = []
+        self._committer: asyncio.Future[None] | None = None
         self.description = f"PostgreSQL at {mask_url(url)} (pool {pool.min_size}..{pool.max_size})"
 
     @classmethod
@@ -345,17 +376,32 @@ class PostgresStore:
         return await self._run(apply, limit=MIGRATION_TIMEOUT)
 
     async def insert(self, record: Record) -> Existing | None:
-        async def insert(conn: psycopg.AsyncConnection[Any]) -> Existing | None:
-            cur = await conn.execute(_PG_INSERT, _row(record, "postgres"))
-            if cur.rowcount == 1:
-                return None
-            cur = await conn.execute(_SELECT + " WHERE idempotency_key = %s", (record.idempotency_key,))
-            row = await cur.fetchone()
-            if row is None:  # pragma: no cover - a conflict implies the row exists
-                raise StoreUnavailable("The idempotency record vanished; retry the request.")
-            return _decision(row)
+        """Group commit: the record joins the next transaction; we answer after its COMMIT.
 
-        return await self._run(insert)
+        Requests that arrive while a commit is in flight queue up and go in together
+        in the next one, so under load one round trip and one fsync serve many
+        decisions, and each request still returns only once its row is durable.
+        """
+        waiter: asyncio.Future[Existing | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((record, waiter))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.ensure_future(self._commit_pending())
+        return await waiter
+
+    async def _commit_pending(self) -> None:
+        while self._pending:
+            group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+            records = [record for record, _ in group]
+            try:
+                outcomes = await self._run(functools.partial(_insert_group, records=records))
+            except Exception as exc:
+                for _, waiter in group:
+                    if not waiter.done():  # a waiter whose request was cancelled needs no answer
+                        waiter.set_exception(StoreUnavailable(exc.detail) if isinstance(exc, StoreUnavailable) else exc)
+                continue
+            for (_, waiter), outcome in zip(group, outcomes, strict=True):
+                if not waiter.done():
+                    waiter.set_result(outcome)
 
     async def insert_many(self, records: Sequence[Record]) -> ExistingBatch | None:
         rows = [_row(r, "postgres") for r in records]
