@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -29,6 +30,13 @@ T = TypeVar("T")
 KEY_PREFIX = "decision:"
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 30.0
+# SET each KEYS[i] to ARGV[i + 1] with a TTL of ARGV[1] seconds.
+_SET_ALL = """
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
+end
+return #KEYS
+"""
 # Cache writes waiting for the flusher; beyond this they are dropped.
 MAX_PENDING = 50_000
 
@@ -123,6 +131,8 @@ class RedisCache:
         )
         # from_pool: the client owns the pool, so aclose() closes its connections too.
         self.client = redis.Redis.from_pool(pool)
+        # EVALSHA, falling back to EVAL when the server does not know the script yet.
+        self._set_all = self.client.register_script(_SET_ALL)
         self.max_connections = max_connections
         self.errors = self.hits = self.misses = 0
         self._breaker = _Breaker()
@@ -177,14 +187,10 @@ class RedisCache:
         while self._pending:
             items, self._pending = self._pending, {}
 
-            async def write(items: dict[uuid.UUID, bytes] = items) -> None:
-                # One round trip for everything queued; no MULTI, the entries are independent.
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for decision_id, payload in items.items():
-                        pipe.set(f"{self._prefix}{decision_id}", payload, ex=self._ttl)
-                    await pipe.execute()
-
-            await self._call("SET", write)
+            keys = [f"{self._prefix}{decision_id}" for decision_id in items]
+            # One command (and one reply to parse) for everything queued, where a
+            # pipeline of SETs costs a reply, and a timeout, per key.
+            await self._call("SET", functools.partial(self._set_all, keys=keys, args=[self._ttl, *items.values()]))
 
     async def ping(self) -> bool:
         # Readiness probes always ask Redis, even while backing off: a cheap, steady probe.

@@ -231,6 +231,7 @@ _PG_INSERT = (
     f"INSERT INTO decisions ({', '.join(_NAMES)}) VALUES ({', '.join(['%s'] * len(_NAMES))})"
     " ON CONFLICT (idempotency_key) DO NOTHING"
 )
+_PG_COPY = f"COPY decisions ({', '.join(_NAMES)}) FROM STDIN"
 # Errors that are our bugs, not the database's state: let them surface as such.
 _PG_BUGS = (psycopg.ProgrammingError, psycopg.DataError, psycopg.IntegrityError, psycopg.NotSupportedError)
 # How long migrations wait for another migrator's lock before start-up gives up.
@@ -414,7 +415,10 @@ class PostgresStore:
                 if cur.rowcount == 0:
                     await cur.execute(_SELECT + _BATCH_OF_KEY.format(p="%s"), (records[0].idempotency_key,))
                     return _existing_batch(await cur.fetchall())
-                await cur.executemany(_PG_INSERT, rows[1:])
+                # The rest carry no key: COPY moves them several times faster than INSERTs.
+                async with cur.copy(_PG_COPY) as copy:
+                    for row in rows[1:]:
+                        await copy.write_row(row)
                 return None
 
         return await self._run(insert_all)
