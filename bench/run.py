@@ -251,7 +251,7 @@ def main() -> None:
         "DATABASE_URL": database_url,
         "REDIS_URL": REDIS_URL,
         "REDIS_KEY_PREFIX": prefix,
-        "LOG_LEVEL": "WARNING",
+        # Default logging: one access line per request is part of the cost.
     }
     tables: list[str] = []
     try:
