@@ -173,6 +173,8 @@ def problem_response(error: ServiceError) -> Response:
 
 async def handle_service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
+    if exc.status >= 500:  # ours, not the client's: operators should see it
+        logger.warning("%s %s answered %d: %s", request.method, request.url.path, exc.status, exc.detail)
     return problem_response(exc)
 
 

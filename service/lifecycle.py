@@ -24,7 +24,7 @@ from typing import Any
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import logs, model, storage
+from service import logs, metrics, model, storage
 from service.cache import MemoryCache, RedisCache
 from service.errors import StoreUnavailable
 from service.model import ModelError
@@ -40,6 +40,7 @@ CLOSED = "Successfully closed API."
 
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+POOL_OBSERVE_SECONDS = 5.0
 # Failures whose message says it all; anything else is logged with its traceback.
 EXPECTED_STARTUP_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ModelError, StoreUnavailable, OSError)
 
@@ -162,6 +163,26 @@ async def _check_connection_budget(state: State) -> str:
     return "connection budget: " + ("; ".join(found) if found else "no network connections (SQLite, in-process cache)")
 
 
+async def _start_metrics(state: State) -> str:
+    metrics.shutting_down.set(0)
+
+    async def observe_pool() -> None:
+        # Each worker refreshes its own pool gauges; a scrape aggregates them.
+        while True:
+            state.store.observe_pool()
+            await asyncio.sleep(POOL_OBSERVE_SECONDS)
+
+    state.metrics_task = asyncio.ensure_future(observe_pool())
+    mode = "multiprocess, aggregated over workers" if metrics.MULTIPROCESS else "single process"
+    return f"serving /metrics ({mode})"
+
+
+async def _stop_metrics(state: State) -> str:
+    state.metrics_task.cancel()
+    metrics.process_exited(os.getpid())
+    return "stopped the pool gauges and retired this worker's live gauges"
+
+
 async def _load_model(state: State) -> str:
     path = state.settings.model_path
     # Unpickling and the self-check take ~1 s of CPU: keep them off the event loop.
@@ -178,6 +199,7 @@ def begin_shutdown(state: State, signal_name: str | None = None) -> None:
     if state.shutdown_began is None:
         state.shutdown_began = time.monotonic()
         state.shutting_down = True
+        metrics.shutting_down.set(1)
         logger.info(CLOSING)
         if signal_name:
             logger.info("Received %s: no new connections; draining in-flight requests", signal_name)
@@ -220,6 +242,7 @@ def default_steps(settings: Settings | None = None) -> list[Step]:
         Step("migrations", _migrate, start_timeout=60.0),
         Step("cache", _open_cache, _close_cache, start_timeout=5.0, stop_timeout=2.0),
         Step("budget", _check_connection_budget, start_timeout=10.0),
+        Step("metrics", _start_metrics, _stop_metrics, stop_timeout=1.0),
         Step("model", _load_model, start_timeout=120.0),
         Step("signals", _watch_signals, _unwatch_signals, stop_timeout=1.0),
     ]

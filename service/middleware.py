@@ -12,7 +12,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import logs
+from service import logs, metrics
 from service.errors import ClientGone, ServiceError, problem_response
 
 access_logger = logging.getLogger("service.access")
@@ -60,12 +60,18 @@ class RequestContext:
                 response = problem_response(ServiceError("An unexpected error occurred; it has been logged."))
                 await response(scope, receive, send_with_id)
         finally:
+            elapsed = time.perf_counter() - started
+            # The route template, not the path: one series per endpoint, not per id.
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            metrics.requests.labels(scope["method"], template, str(status or 500)).inc()
+            metrics.latency.labels(scope["method"], template).observe(elapsed)
             access_logger.info(
                 "%s %s %d %.1f ms",
                 scope["method"],
                 # The path as sent, still percent-encoded: a decoded %0a would forge a log line.
                 scope.get("raw_path", b"").decode("ascii", "backslashreplace") or scope["path"],
                 status or 500,
-                (time.perf_counter() - started) * 1000,
+                elapsed * 1000,
             )
             logs.request_id.reset(token)

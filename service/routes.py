@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from service import metrics, openapi
 from service.errors import (
     PROBLEM_MEDIA_TYPE,
     RETRY_AFTER_SECONDS,
@@ -36,7 +37,7 @@ from service.errors import (
     UnsupportedMediaType,
     from_validation_error,
 )
-from service.schemas import BatchResponse, applicant_decoder, batch_decoder, encoder
+from service.schemas import BatchResponse, Decision, applicant_decoder, batch_decoder, encoder
 from service.storage import Record
 
 JSON = "application/json"
@@ -112,6 +113,11 @@ def _json(payload: bytes, status: int = 200, headers: dict[str, str] | None = No
     return Response(payload, status_code=status, headers=headers, media_type=JSON)
 
 
+def _count(decision: Decision) -> None:
+    metrics.decisions.labels(decision.decision, decision.risk_category).inc()
+    metrics.probability.observe(decision.probability_of_default)
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -153,6 +159,7 @@ async def create_decision(request: Request) -> Response:
                 raise _key_reused(key)
             return _json(encoder.encode(existing.decision), 200, {"Location": f"/decisions/{existing.decision.id}"})
     # The row is committed: only now may we answer 201.
+    _count(decision)
     payload = encoder.encode(decision)
     await state.cache.set_many([(decision.id, payload)])
     return _json(payload, 201, {"Location": f"/decisions/{decision.id}"})
@@ -181,6 +188,8 @@ async def create_batch(request: Request) -> Response:
             if existing.request_hash != request_hash:
                 raise _key_reused(key)
             return _json(encoder.encode(BatchResponse(existing.decisions)), 200)
+    for decision in decisions:
+        _count(decision)
     # Encode each decision once: the same bytes go to the cache and into the reply.
     payloads = [encoder.encode(d) for d in decisions]
     await state.cache.set_many([(d.id, p) for d, p in zip(decisions, payloads, strict=True)])
@@ -207,6 +216,16 @@ async def get_decision(request: Request) -> Response:
 
 async def get_model(request: Request) -> Response:
     return _json(request.app.state.model.metadata_json)
+
+
+async def get_metrics(request: Request) -> Response:
+    request.app.state.store.observe_pool()
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
+async def get_openapi(request: Request) -> Response:
+    return _json(openapi.DOCUMENT_JSON)
 
 
 async def live(request: Request) -> Response:
@@ -251,5 +270,7 @@ ROUTES = [
     Route("/decisions/{decision_id:uuid}", get_decision, methods=["GET"]),
     Route("/model", get_model, methods=["GET"]),
     Route("/health/live", live, methods=["GET"]),
+    Route("/metrics", get_metrics, methods=["GET"]),
+    Route("/openapi.json", get_openapi, methods=["GET"]),
     Route("/health/ready", ready, methods=["GET"]),
 ]

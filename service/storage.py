@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar, get_type_hints
 import psycopg
 import psycopg_pool
 
+from service import metrics
 from service.errors import StoreUnavailable
 from service.schemas import APPLICANT_FIELDS, Applicant, Decision, encoder, reasons_decoder
 from service.settings import mask_url
@@ -82,6 +83,9 @@ class Store(Protocol):
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    def observe_pool(self) -> None:
+        """Publish the pool's size and use to the metrics."""
 
 
 # -- schema --------------------------------------------------------------------
@@ -345,6 +349,7 @@ class PostgresStore:
             return await asyncio.wait_for(asyncio.shield(task), limit or self._request_timeout * 2)
         except TimeoutError:
             abandon(task)
+            metrics.store_errors.inc()
             raise StoreUnavailable("The system of record did not answer in time.") from None
         except asyncio.CancelledError:
             abandon(task)
@@ -352,6 +357,7 @@ class PostgresStore:
         except _PG_BUGS:
             raise
         except psycopg.Error as exc:  # connection lost, read-only after failover, admin shutdown...
+            metrics.store_errors.inc()
             raise StoreUnavailable(f"The system of record is unavailable: {type(exc).__name__}.") from exc
 
     async def _on_connection(self, action: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
@@ -476,8 +482,10 @@ class PostgresStore:
 
         return await self._run(read)
 
-    def stats(self) -> dict[str, int]:
-        return self._pool.get_stats()
+    def observe_pool(self) -> None:
+        stats = self._pool.get_stats()
+        metrics.pool_size.set(stats["pool_size"])
+        metrics.pool_in_use.set(stats["pool_size"] - stats["pool_available"])
 
 
 # -- SQLite --------------------------------------------------------------------------
@@ -527,6 +535,7 @@ class SQLiteStore:
         except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
             raise
         except sqlite3.DatabaseError as exc:  # locked, read-only, disk full, file gone
+            metrics.store_errors.inc()
             raise StoreUnavailable(f"The system of record is unavailable: {exc}.") from exc
 
     async def migrate(self) -> list[int]:
@@ -597,6 +606,9 @@ class SQLiteStore:
 
     async def ping(self) -> None:
         await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    def observe_pool(self) -> None:
+        """One embedded connection, always open: nothing to report as a pool."""
 
     async def close(self) -> None:
         try:

@@ -8,6 +8,7 @@ REQUIRE_SERVICES=1) it fails them, so a green CI run always means they ran.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -160,3 +161,19 @@ def redis_clients(name: str) -> int:
         return sum(1 for c in client.client_list() if c.get("name") == name)
     finally:
         client.close()
+
+
+@pytest.fixture
+def service_env(postgres_url: str, redis_url: str) -> dict[str, str]:
+    """The environment for a service process started from the Procfile, on this run's database and prefix."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "API_KEYS", "LOG_"))}
+    # The venv's uvicorn, as `make run` puts it on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        DATABASE_URL=postgres_url,
+        REDIS_URL=redis_url,
+        REDIS_KEY_PREFIX=redis_prefix(),
+        SHUTDOWN_TIMEOUT="10",
+        CACHE_TTL="600",
+    )
+    return env

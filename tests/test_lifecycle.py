@@ -36,17 +36,17 @@ def test_startup_and_shutdown_run_steps_in_order_and_log_each(
     with TestClient(create_app(settings)):
         pass
     lines = lifecycle_lines(caplog)
-    steps = ["settings", "store", "migrations", "cache", "budget", "model", "signals"]
+    steps = ["settings", "store", "migrations", "cache", "budget", "metrics", "model", "signals"]
     assert lines[0] == STARTING
     started = [re.match(r"Startup step '(\w+)': .* in [\d.]+ ms$", line) for line in lines[1 : 1 + len(steps)]]
     assert [m.group(1) for m in started if m] == steps
     rest = lines[1 + len(steps) :]
     assert rest[0] == STARTED
     assert rest[1] == CLOSING
-    stopped = [re.match(r"Shutdown step '(\w+)': (.*) in [\d.]+ ms$", line) for line in rest[2:5]]
-    assert [m.group(1) for m in stopped if m] == ["signals", "cache", "store"]
-    assert all(m.group(2).startswith("closed") for m in stopped[1:] if m)
-    assert rest[5:] == [CLOSED]
+    stopped = [re.match(r"Shutdown step '(\w+)': (.*) in [\d.]+ ms$", line) for line in rest[2:6]]
+    assert [m.group(1) for m in stopped if m] == ["signals", "metrics", "cache", "store"]
+    assert all(m.group(2).startswith("closed") for m in stopped[2:] if m)
+    assert rest[6:] == [CLOSED]
 
 
 def test_startup_puts_model_store_cache_on_app_state(settings: Settings) -> None:
@@ -90,7 +90,7 @@ def test_missing_model_fails_startup_and_closes_pool_and_redis(
     assert wait_until(lambda: redis_clients(APP_NAME) == 0)
     lines = lifecycle_lines(caplog)
     assert any(line.startswith("Startup step 'model' failed") for line in lines)
-    assert [line.split("'")[1] for line in lines if line.startswith("Shutdown step")] == ["cache", "store"]
+    assert [line.split("'")[1] for line in lines if line.startswith("Shutdown step")] == ["metrics", "cache", "store"]
     assert STARTED not in lines
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
 from service import logs
 from service.app import create_app
+from service.errors import StoreUnavailable
 from service.settings import Settings
 
 
@@ -63,3 +65,32 @@ def test_text_format_shows_request_id() -> None:
 def test_lenient_config_falls_back_to_defaults_before_validation() -> None:
     assert logs.lenient_config({"LOG_LEVEL": "loud", "LOG_FORMAT": "xml"}) == ("INFO", "text")
     assert logs.lenient_config({"LOG_LEVEL": "debug", "LOG_FORMAT": "JSON"}) == ("DEBUG", "json")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_request_id_follows_the_request_through_its_log_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    settings = Settings(sqlite_path=tmp_path / "d.sqlite3", log_format=fmt)
+    with TestClient(create_app(settings)) as client:
+        store = client.app.state.store  # type: ignore[attr-defined]
+
+        async def unavailable(decision_id: object) -> None:
+            raise StoreUnavailable("the test took it away")
+
+        store.get = unavailable
+        capfd.readouterr()
+        response = client.get("/decisions/00000000-0000-4000-8000-000000000002", headers={"X-Request-ID": "trace-42"})
+        assert response.status_code == 503
+        assert response.headers["x-request-id"] == "trace-42"
+        written = capfd.readouterr().err.splitlines()
+    mine = [line for line in written if "trace-42" in line]
+    # The warning about the outage and the access line, each tagged with the id.
+    assert len(mine) == 2
+    if fmt == "json":
+        entries = [json.loads(line) for line in mine]
+        assert {e["logger"] for e in entries} == {"service.errors", "service.access"}
+        assert all(e["request_id"] == "trace-42" for e in entries)
+    else:
+        assert all("[trace-42]" in line for line in mine)
+        assert "answered 503" in mine[0] and "GET /decisions/" in mine[1]

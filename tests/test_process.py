@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,21 +17,6 @@ from tests.conftest import postgres_connections, redis_clients, redis_prefix, wa
 from tests.procfile import ROOT, Service, free_port, procfile_command
 
 pytestmark = pytest.mark.process
-
-
-@pytest.fixture
-def service_env(postgres_url: str, redis_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "API_KEYS", "LOG_"))}
-    # The venv's uvicorn, as `make run` puts it on PATH.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(
-        DATABASE_URL=postgres_url,
-        REDIS_URL=redis_url,
-        REDIS_KEY_PREFIX=redis_prefix(),
-        SHUTDOWN_TIMEOUT="10",
-        CACHE_TTL="600",
-    )
-    return env
 
 
 @pytest.fixture

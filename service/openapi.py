@@ -1,0 +1,185 @@
+"""The OpenAPI 3.1 document, generated from the msgspec types the handlers decode with.
+
+The schemas come from `msgspec.json.schema_components`, so the document and the
+validation cannot disagree about fields, enums or bounds. Built once, at import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from service import dataset
+from service.schemas import Applicant, BatchRequest, BatchResponse, Decision, Problem, encoder
+
+REF = "#/components/schemas/{name}"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+_, _components = msgspec.json.schema_components(
+    [Applicant, BatchRequest, Decision, BatchResponse, Problem], ref_template=REF
+)
+_EXAMPLE = msgspec.to_builtins(dataset.load().applicants[1])
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(name=name)}
+
+
+def _json(schema: dict[str, Any], description: str, example: Any = None) -> dict[str, Any]:
+    content: dict[str, Any] = {"schema": schema}
+    if example is not None:
+        content["example"] = example
+    return {"description": description, "content": {"application/json": content}}
+
+
+def _problems(*statuses: int) -> dict[str, Any]:
+    reasons = {
+        400: "The body is not JSON, not UTF-8, or empty; or a header is malformed.",
+        401: "Missing or wrong API key (when API_KEYS is set).",
+        404: "No such decision.",
+        409: "A request with the same Idempotency-Key is still in flight.",
+        413: "The body is too large.",
+        415: "Content-Type is not JSON.",
+        422: "The body is not a valid request; errors[].path names the field.",
+        503: "The system of record is unavailable, or the service is shutting down; see Retry-After.",
+    }
+    return {
+        str(status): {"description": reasons[status], "content": {PROBLEM_MEDIA_TYPE: {"schema": _ref("Problem")}}}
+        for status in statuses
+    }
+
+
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}, {}]  # API keys are optional: only when API_KEYS is set
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Repeat with the same key and body: the original answer (200), nothing stored anew.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+}
+_REQUEST_ID = {
+    "name": "X-Request-ID",
+    "in": "header",
+    "required": False,
+    "description": (
+        "Echoed back, and in every log line of the request. Up to 128 of A-Z a-z 0-9 . _ : -;"
+        " anything else (or nothing) is replaced by a new id rather than refused."
+    ),
+    "schema": {"type": "string"},
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "Credit-scoring service",
+        "version": "1.0.0",
+        "description": "Scores credit applicants, records every decision, and answers lookups.",
+    },
+    "paths": {
+        "/decisions": {
+            "post": {
+                "operationId": "createDecision",
+                "summary": "Score an applicant and record the decision.",
+                "security": _BEARER,
+                "parameters": [_IDEMPOTENCY_KEY, _REQUEST_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("Applicant"), "example": _EXAMPLE}},
+                },
+                "responses": {
+                    "201": _json(_ref("Decision"), "Scored and committed."),
+                    "200": _json(_ref("Decision"), "A repeat of an Idempotency-Key: the original decision."),
+                    **_problems(400, 401, 409, 413, 415, 422, 503),
+                },
+            }
+        },
+        "/decisions/batch": {
+            "post": {
+                "operationId": "createDecisions",
+                "summary": "Score 1 to 1000 applicants; all are committed, or none.",
+                "security": _BEARER,
+                "parameters": [_IDEMPOTENCY_KEY, _REQUEST_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": _ref("BatchRequest"), "example": {"applicants": [_EXAMPLE]}}
+                    },
+                },
+                "responses": {
+                    "201": _json(_ref("BatchResponse"), "Scored and committed, in order."),
+                    "200": _json(_ref("BatchResponse"), "A repeat of an Idempotency-Key: the original batch."),
+                    **_problems(400, 401, 409, 413, 415, 422, 503),
+                },
+            }
+        },
+        "/decisions/{decision_id}": {
+            "get": {
+                "operationId": "getDecision",
+                "summary": "A recorded decision, from the cache or the system of record.",
+                "security": _BEARER,
+                "parameters": [
+                    {
+                        "name": "decision_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "format": "uuid"},
+                    },
+                    _REQUEST_ID,
+                ],
+                "responses": {"200": _json(_ref("Decision"), "The decision."), **_problems(401, 404, 503)},
+            }
+        },
+        "/model": {
+            "get": {
+                "operationId": "getModel",
+                "summary": "The model in service: version, features, cut-off, risk bands, metrics.",
+                "responses": {"200": _json({"type": "object"}, "The model's metadata.")},
+            }
+        },
+        "/health/live": {
+            "get": {
+                "operationId": "live",
+                "summary": "The process and its event loop answer.",
+                "responses": {
+                    "200": _json(
+                        {"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]}, "Alive."
+                    )
+                },
+            }
+        },
+        "/health/ready": {
+            "get": {
+                "operationId": "ready",
+                "summary": "The model is loaded and the system of record answers.",
+                "responses": {
+                    "200": _json({"type": "object"}, "Ready; each dependency's check."),
+                    "503": {
+                        "description": "Not ready (a dependency is down, or shutdown has begun).",
+                        "content": {PROBLEM_MEDIA_TYPE: {"schema": _ref("Problem")}},
+                    },
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics.",
+                "responses": {"200": {"description": "Prometheus text format.", "content": {"text/plain": {}}}},
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document.",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")},
+            }
+        },
+    },
+    "components": {
+        "schemas": _components,
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "One of API_KEYS."}},
+    },
+}
+
+DOCUMENT_JSON: bytes = encoder.encode(DOCUMENT)

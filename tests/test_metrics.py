@@ -1,0 +1,88 @@
+"""/metrics: Prometheus text that prometheus-client's own parser reads, in one process and across workers."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx2 as httpx
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+
+from service.settings import Settings
+from tests.conftest import wait_until
+from tests.procfile import Service
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample by name and labels (parsing fails on anything that is not valid exposition text)."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(found: dict, name: str, **labels: str) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_requests_decisions_and_cache(client: TestClient, settings: Settings, applicant: dict) -> None:
+    before = samples(client.get("/metrics").text)
+    created = client.post("/decisions", json=applicant).json()
+    client.get(f"/decisions/{created['id']}")
+    client.get("/nope")
+    response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    after = samples(response.text)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("http_requests_total", method="POST", route="/decisions", status="201") == 1
+    assert delta("http_requests_total", method="GET", route="/decisions/{decision_id:uuid}", status="200") == 1
+    assert delta("http_requests_total", method="GET", route="unmatched", status="404") == 1
+    assert delta("http_request_duration_seconds_count", method="POST", route="/decisions") == 1
+    assert delta("decisions_total", decision=created["decision"], risk_category=created["risk_category"]) == 1
+    assert delta("probability_of_default_count") == 1
+    assert delta("cache_hits_total") == 1
+    assert value(after, "shutting_down") == 0
+    if settings.database_url:
+        assert value(after, "db_pool_connections") >= 1
+
+
+def test_metrics_count_store_errors(client: TestClient) -> None:
+    before = samples(client.get("/metrics").text)
+    store = client.app.state.store  # type: ignore[attr-defined]
+
+    async def failing_get(decision_id: object) -> None:
+        from service import metrics
+        from service.errors import StoreUnavailable
+
+        metrics.store_errors.inc()
+        raise StoreUnavailable("down for the test")
+
+    store.get = failing_get
+    assert client.get("/decisions/00000000-0000-4000-8000-000000000001").status_code == 503
+    after = samples(client.get("/metrics").text)
+    assert value(after, "store_errors_total") - value(before, "store_errors_total") == 1
+
+
+def test_metrics_aggregate_over_workers(service_env: dict[str, str], tmp_path: Path, applicant: dict) -> None:
+    prometheus_dir = tmp_path / "prometheus"
+    prometheus_dir.mkdir()
+    env = {**service_env, "WEB_CONCURRENCY": "2", "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir)}
+    service = Service(env, tmp_path / "workers.log")
+    try:
+        service.wait_ready()
+        assert wait_until(lambda: service.log().count("Successfully started API") == 2, timeout=30)
+        with httpx.Client(base_url=service.url, timeout=10) as http:
+            for _ in range(40):  # new connections: the kernel spreads them over both workers
+                assert httpx.post(f"{service.url}/decisions", json=applicant, timeout=10).status_code == 201
+            found = samples(http.get("/metrics").text)
+        assert value(found, "http_requests_total", method="POST", route="/decisions", status="201") == 40
+        assert sum(v for (name, _), v in found.items() if name == "decisions_total") == 40
+        # Each worker writes its own files; the scrape adds them up.
+        assert len({f.stem.rsplit("_", 1)[1] for f in prometheus_dir.glob("counter_*.db")}) == 2
+    finally:
+        service.stop(signal.SIGTERM)
