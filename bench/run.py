@@ -254,11 +254,13 @@ def main() -> None:
         # Default logging: one access line per request is part of the cost.
     }
     tables: list[str] = []
+    servers: list[Server] = []
     try:
         for workers in args.workers:
             worker_env = {**env, "WEB_CONCURRENCY": str(workers)}
             ceiling = Server(worker_env, "bench.baseline:app", work / f"baseline-{workers}.log")
             service = Server(worker_env, None, work / f"service-{workers}.log")
+            servers += [ceiling, service]
             ceiling.wait("/decisions")
             ready = service.wait("/health/ready")
             ids = seed(service.url, applicants, 20_000)
@@ -295,6 +297,9 @@ def main() -> None:
             tables.append(render(results, workers, ready, rss))
             print(tables[-1], flush=True)
     finally:
+        for server in servers:  # also when a run failed half-way: never leave a server behind
+            if server.process.poll() is None:
+                server.stop()
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
         admin.close()
         flush_prefix(prefix)

@@ -42,7 +42,13 @@ CLOSED = "Successfully closed API."
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 POOL_OBSERVE_SECONDS = 5.0
 # Failures whose message says it all; anything else is logged with its traceback.
-EXPECTED_STARTUP_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ModelError, StoreUnavailable, OSError)
+EXPECTED_STARTUP_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    ModelError,
+    StoreUnavailable,
+    storage.SchemaError,
+    OSError,
+)
 
 
 class StartupError(Exception):

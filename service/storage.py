@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import hashlib
 import logging
 import sqlite3
 import uuid
@@ -165,6 +166,30 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
         },
     ),
 ]
+
+
+class SchemaError(Exception):
+    """The database's schema history does not match the migrations in this code."""
+
+
+def _checksum(statements: list[str]) -> str:
+    return hashlib.sha256("\n".join(statements).encode()).hexdigest()
+
+
+def _to_apply(done: dict[int, str], dialect: str) -> list[tuple[int, str, list[str]]]:
+    """The migrations not applied yet; refuses if an applied one was edited since."""
+    pending = []
+    for version, description, statements in MIGRATIONS:
+        checksum = _checksum(statements[dialect])
+        if version not in done:
+            pending.append((version, description, statements[dialect]))
+        elif done[version] != checksum:
+            raise SchemaError(
+                f"Migration {version} ({description!r}) was changed after this database applied it "
+                f"(checksum {done[version][:12]}, now {checksum[:12]}): add a new migration instead of editing one."
+            )
+    return pending
+
 
 _NAMES = [name for name, _ in _COLUMNS]
 # The batch that holds a key, in order; a key held by a single decision has no batch.
@@ -373,20 +398,17 @@ class PostgresStore:
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
                 await conn.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations"
-                    " (version integer PRIMARY KEY, description text NOT NULL,"
+                    " (version integer PRIMARY KEY, description text NOT NULL, checksum text NOT NULL,"
                     " applied_at timestamptz NOT NULL DEFAULT now())"
                 )
-                cur = await conn.execute("SELECT version FROM schema_migrations")
-                done = {row[0] for row in await cur.fetchall()}
+                cur = await conn.execute("SELECT version, checksum FROM schema_migrations")
                 applied = []
-                for version, description, statements in MIGRATIONS:
-                    if version in done:
-                        continue
-                    for statement in statements["postgres"]:
+                for version, description, statements in _to_apply(dict(await cur.fetchall()), "postgres"):
+                    for statement in statements:
                         await conn.execute(statement)
                     await conn.execute(
-                        "INSERT INTO schema_migrations (version, description) VALUES (%s, %s)",
-                        (version, description),
+                        "INSERT INTO schema_migrations (version, description, checksum) VALUES (%s, %s, %s)",
+                        (version, description, _checksum(statements)),
                     )
                     applied.append(version)
                 return applied
@@ -544,19 +566,17 @@ class SQLiteStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations"
-                    " (version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)"
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+                    " description TEXT NOT NULL, checksum TEXT NOT NULL, applied_at TEXT NOT NULL)"
                 )
-                done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+                done = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
                 applied = []
-                for version, description, statements in MIGRATIONS:
-                    if version in done:
-                        continue
-                    for statement in statements["sqlite"]:
+                for version, description, statements in _to_apply(done, "sqlite"):
+                    for statement in statements:
                         conn.execute(statement)
                     conn.execute(
-                        "INSERT INTO schema_migrations VALUES (?, ?, ?)",
-                        (version, description, dt.datetime.now(dt.UTC).isoformat()),
+                        "INSERT INTO schema_migrations VALUES (?, ?, ?, ?)",
+                        (version, description, _checksum(statements), dt.datetime.now(dt.UTC).isoformat()),
                     )
                     applied.append(version)
                 conn.execute("COMMIT")

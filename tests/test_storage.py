@@ -223,3 +223,13 @@ async def test_redis_cache_down_is_skipped_then_probed(caplog: pytest.LogCapture
 async def test_decision_json_round_trips_through_msgspec(credit_model: CreditModel) -> None:
     record = make_record(credit_model)
     assert msgspec.json.decode(encoder.encode(record.decision), type=Decision) == record.decision
+
+
+async def test_store_refuses_a_migration_edited_after_it_was_applied(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version, description, statements = storage.MIGRATIONS[0]
+    edited = {dialect: [*sql, "SELECT 1"] for dialect, sql in statements.items()}
+    monkeypatch.setattr(storage, "MIGRATIONS", [(version, description, edited), *storage.MIGRATIONS[1:]])
+    with pytest.raises(storage.SchemaError, match="was changed after this database applied it"):
+        await store.migrate()
