@@ -8,7 +8,6 @@ REQUIRE_SERVICES=1) it fails them, so a green CI run always means they ran.
 from __future__ import annotations
 
 import os
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from starlette.testclient import TestClient
 from service import dataset
 from service.app import create_app
 from service.settings import Settings
+from tests.procfile import service_environment
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -166,14 +166,4 @@ def redis_clients(name: str) -> int:
 @pytest.fixture
 def service_env(postgres_url: str, redis_url: str) -> dict[str, str]:
     """The environment for a service process started from the Procfile, on this run's database and prefix."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "API_KEYS", "LOG_"))}
-    # The venv's uvicorn, as `make run` puts it on PATH.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(
-        DATABASE_URL=postgres_url,
-        REDIS_URL=redis_url,
-        REDIS_KEY_PREFIX=redis_prefix(),
-        SHUTDOWN_TIMEOUT="10",
-        CACHE_TTL="600",
-    )
-    return env
+    return service_environment(postgres_url, redis_url, REDIS_KEY_PREFIX=redis_prefix(), SHUTDOWN_TIMEOUT="10")

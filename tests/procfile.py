@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +21,21 @@ def procfile_command(process_type: str) -> str:
         if kind.strip() == process_type:
             return command.strip()
     raise AssertionError(f"Procfile has no {process_type}: line")
+
+
+def service_environment(database_url: str, redis_url: str, **settings: str) -> dict[str, str]:
+    """This process's environment less any service settings, plus the given ones, for a Procfile process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "API_KEYS", "LOG_"))}
+    return {
+        **env,
+        # The venv's uvicorn, as `make run` puts it on PATH.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        # Short-lived entries: a run that dies before its clean-up leaves nothing for long.
+        "CACHE_TTL": "600",
+        **settings,
+    }
 
 
 def free_port() -> int:

@@ -10,7 +10,6 @@ import itertools
 import json
 import os
 import signal
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from starlette.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import count_rows, redis_prefix
-from tests.procfile import Service
+from tests.procfile import Service, service_environment
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "50"))
 COUNTS: Counter[str] = Counter()
@@ -37,15 +36,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "var" / "fuzz-counts.txt"
 
 @pytest.fixture(scope="module")
 def running(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "API_KEYS", "LOG_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        DATABASE_URL=postgres_url,
-        REDIS_URL=redis_url,
-        REDIS_KEY_PREFIX=redis_prefix(),
-        CACHE_TTL="600",
-        LOG_LEVEL="WARNING",
-    )
+    env = service_environment(postgres_url, redis_url, REDIS_KEY_PREFIX=redis_prefix(), LOG_LEVEL="WARNING")
     service = Service(env, tmp_path_factory.mktemp("fuzz") / "service.log")
     service.wait_ready()
     yield service

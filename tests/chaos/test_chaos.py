@@ -9,9 +9,7 @@ The short version runs in CI; `make chaos` runs the long one (CHAOS=long).
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ from tests.chaos.conftest import LONG, ROWS, Row
 from tests.chaos.load import Load, LoadResult, read_all
 from tests.chaos.servers import PrivatePostgres, PrivateRedis
 from tests.conftest import wait_until
-from tests.procfile import Service
+from tests.procfile import Service, service_environment
 
 pytestmark = pytest.mark.chaos
 
@@ -41,18 +39,14 @@ Servers = tuple[PrivatePostgres, PrivateRedis]
 @pytest.fixture
 def env(servers: Servers) -> dict[str, str]:
     pg, redis_server = servers
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "API_KEYS", "LOG_"))}
-    return {
-        **base,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}",
-        "DATABASE_URL": pg.url(),
-        "REDIS_URL": redis_server.url,
-        "REDIS_KEY_PREFIX": f"chaos-{uuid.uuid4().hex[:8]}:",
-        "SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT),
+    return service_environment(
+        pg.url(),
+        redis_server.url,
+        REDIS_KEY_PREFIX=f"chaos-{uuid.uuid4().hex[:8]}:",
+        SHUTDOWN_TIMEOUT=str(SHUTDOWN_TIMEOUT),
         # Outages should turn into 503s quickly, not after the 3 s default.
-        "DATABASE_REQUEST_TIMEOUT": "1",
-        "CACHE_TTL": "600",
-    }
+        DATABASE_REQUEST_TIMEOUT="1",
+    )
 
 
 @pytest.fixture
