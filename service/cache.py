@@ -150,7 +150,7 @@ class RedisCache:
             result = await call()
         except (redis.RedisError, OSError) as exc:
             self.errors += 1
-            metrics.cache_errors.inc()
+            metrics.count(metrics.cache_errors)
             if self._breaker.failed(probe, action, exc):
                 # Every pooled connection may be dead (a restarted server): drop them
                 # all, so the next probe dials afresh instead of the next stale socket.
@@ -164,15 +164,15 @@ class RedisCache:
         pending = self._pending.get(decision_id)
         if pending is not None:  # written a moment ago, not yet flushed
             self.hits += 1
-            metrics.cache_hits.inc()
+            metrics.count(metrics.cache_hits)
             return pending
         _, value = await self._call("GET", lambda: self.client.get(f"{self._prefix}{decision_id}"))
         if value is None:
             self.misses += 1
-            metrics.cache_misses.inc()
+            metrics.count(metrics.cache_misses)
         else:
             self.hits += 1
-            metrics.cache_hits.inc()
+            metrics.count(metrics.cache_hits)
         return cast(bytes | None, value)
 
     async def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None:
@@ -232,11 +232,11 @@ class MemoryCache:
             if entry is not None:
                 del self._entries[decision_id]
             self.misses += 1
-            metrics.cache_misses.inc()
+            metrics.count(metrics.cache_misses)
             return None
         self._entries.move_to_end(decision_id)
         self.hits += 1
-        metrics.cache_hits.inc()
+        metrics.count(metrics.cache_hits)
         return entry[1]
 
     async def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None:

@@ -40,7 +40,7 @@ CLOSED = "Successfully closed API."
 
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-POOL_OBSERVE_SECONDS = 5.0
+METRICS_FLUSH_SECONDS = 1.0
 # Failures whose message says it all; anything else is logged with its traceback.
 EXPECTED_STARTUP_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
@@ -172,21 +172,25 @@ async def _check_connection_budget(state: State) -> str:
 async def _start_metrics(state: State) -> str:
     metrics.shutting_down.set(0)
 
-    async def observe_pool() -> None:
-        # Each worker refreshes its own pool gauges; a scrape aggregates them.
+    async def publish() -> None:
+        # Each worker publishes its own tally and pool gauges; a scrape aggregates them.
         while True:
+            await asyncio.sleep(METRICS_FLUSH_SECONDS)
+            metrics.flush()
             state.store.observe_pool()
-            await asyncio.sleep(POOL_OBSERVE_SECONDS)
 
-    state.metrics_task = asyncio.ensure_future(observe_pool())
+    state.store.observe_pool()
+    state.metrics_task = asyncio.ensure_future(publish())
     mode = "multiprocess, aggregated over workers" if metrics.MULTIPROCESS else "single process"
     return f"serving /metrics ({mode})"
 
 
 async def _stop_metrics(state: State) -> str:
     state.metrics_task.cancel()
+    # Every request has been answered by now: this publishes the last of them.
+    metrics.flush()
     metrics.process_exited(os.getpid())
-    return "stopped the pool gauges and retired this worker's live gauges"
+    return "published the last counts and retired this worker's live gauges"
 
 
 async def _load_model(state: State) -> str:

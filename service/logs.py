@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import datetime as dt
+import functools
 import logging
 import os
 import sys
@@ -53,7 +54,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    return dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    # One line per request: the date part is formatted once per second, not per line.
+    return f"{_utc_second(int(record.created))}.{int(record.msecs):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(second: int) -> str:
+    return dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def lenient_config(environ: Mapping[str, str]) -> tuple[str, str]:
@@ -73,6 +80,12 @@ def formatter_from_env() -> logging.Formatter:
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:
     """Send every logger (ours and uvicorn's) to stderr in one format."""
+    # Neither format shows the thread, process or source line, and collecting them
+    # costs ~3.5 µs of every line (the logging HOWTO's "Optimization" section).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())

@@ -6,9 +6,9 @@ Pure ASGI rather than BaseHTTPMiddleware: it adds no task or stream copy per req
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,7 +34,7 @@ class RequestContext:
             return
         incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
         request_id = (
-            incoming.decode() if incoming is not None and _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+            incoming.decode() if incoming is not None and _VALID_REQUEST_ID.match(incoming) else os.urandom(16).hex()
         )
         header = (b"x-request-id", request_id.encode())
         token = logs.request_id.set(request_id)
@@ -64,8 +64,8 @@ class RequestContext:
             # The route template, not the path: one series per endpoint, not per id.
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
-            metrics.requests.labels(scope["method"], template, str(status or 500)).inc()
-            metrics.latency.labels(scope["method"], template).observe(elapsed)
+            metrics.count(metrics.requests, scope["method"], template, str(status or 500))
+            metrics.observe(metrics.latency, elapsed, scope["method"], template)
             access_logger.info(
                 "%s %s %d %.1f ms",
                 scope["method"],

@@ -114,8 +114,8 @@ def _json(payload: bytes, status: int = 200, headers: dict[str, str] | None = No
 
 
 def _count(decision: Decision) -> None:
-    metrics.decisions.labels(decision.decision, decision.risk_category).inc()
-    metrics.probability.observe(decision.probability_of_default)
+    metrics.count(metrics.decisions, decision.decision, decision.risk_category)
+    metrics.observe(metrics.probability, decision.probability_of_default)
 
 
 def _now() -> dt.datetime:

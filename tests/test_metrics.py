@@ -59,7 +59,7 @@ def test_metrics_count_store_errors(client: TestClient) -> None:
         from service import metrics
         from service.errors import StoreUnavailable
 
-        metrics.store_errors.inc()
+        metrics.count(metrics.store_errors)
         raise StoreUnavailable("down for the test")
 
     store.get = failing_get
@@ -79,10 +79,53 @@ def test_metrics_aggregate_over_workers(service_env: dict[str, str], tmp_path: P
         with httpx.Client(base_url=service.url, timeout=10) as http:
             for _ in range(40):  # new connections: the kernel spreads them over both workers
                 assert httpx.post(f"{service.url}/decisions", json=applicant, timeout=10).status_code == 201
+
+            def posts_counted() -> float:
+                found = samples(http.get("/metrics").text)
+                assert sum(v for (name, _), v in found.items() if name == "decisions_total") <= 40
+                return value(found, "http_requests_total", method="POST", route="/decisions", status="201")
+
+            # The worker that answers the scrape publishes its own counts first; the
+            # other publishes its within a second.
+            assert wait_until(lambda: posts_counted() == 40, timeout=5)
             found = samples(http.get("/metrics").text)
-        assert value(found, "http_requests_total", method="POST", route="/decisions", status="201") == 40
         assert sum(v for (name, _), v in found.items() if name == "decisions_total") == 40
         # Each worker writes its own files; the scrape adds them up.
         assert len({f.stem.rsplit("_", 1)[1] for f in prometheus_dir.glob("counter_*.db")}) == 2
     finally:
         service.stop(signal.SIGTERM)
+
+
+def test_tally_publishes_what_direct_updates_would() -> None:
+    """count/observe then flush must expose exactly what inc()/observe() one at a time would."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from service import metrics
+
+    def build(registry: CollectorRegistry) -> tuple[Counter, Histogram]:
+        counter = Counter("c", "c", ["kind"], registry=registry)
+        histogram = Histogram("h", "h", ["kind"], buckets=metrics.LATENCY_BUCKETS, registry=registry)
+        return counter, histogram
+
+    direct, batched = CollectorRegistry(), CollectorRegistry()
+    direct_counter, direct_histogram = build(direct)
+    counter, histogram = build(batched)
+    metrics._BOUNDS[histogram] = (*metrics.LATENCY_BUCKETS, float("inf"))
+    # Values on, between and beyond the bucket bounds.
+    values = [0.0, 0.001, 0.0011, 0.0025, 0.007, 0.1, 4.99, 5.0, 5.01, 100.0]
+    try:
+        for kind in ("a", "b"):
+            for v in values:
+                direct_counter.labels(kind).inc()
+                direct_histogram.labels(kind).observe(v)
+                metrics.count(counter, kind)
+                metrics.observe(histogram, v, kind)
+        assert generate_latest(batched) != generate_latest(direct)  # nothing published before the flush
+        metrics.flush()
+    finally:
+        del metrics._BOUNDS[histogram]
+
+    def exposition(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+    assert exposition(batched) == exposition(direct)
