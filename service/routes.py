@@ -190,10 +190,11 @@ async def create_batch(request: Request) -> Response:
             return _json(encoder.encode(BatchResponse(existing.decisions)), 200)
     for decision in decisions:
         _count(decision)
-    # Encode each decision once: the same bytes go to the cache and into the reply.
-    payloads = [encoder.encode(d) for d in decisions]
-    await state.cache.set_many([(d.id, p) for d, p in zip(decisions, payloads, strict=True)])
-    return _json(b'{"decisions":[' + b",".join(payloads) + b"]}", 201)
+    # Not written to the cache: bulk scoring is rarely read back one decision at a
+    # time, and up to 1000 entries per request would push out the single decisions
+    # that are. A batch decision is cached on its first GET instead. (Writing them
+    # cost ~17 µs of CPU per decision, in the worker and in Redis: a quarter of it.)
+    return _json(b'{"decisions":[' + b",".join(encoder.encode(d) for d in decisions) + b"]}", 201)
 
 
 async def get_decision(request: Request) -> Response:
