@@ -40,6 +40,8 @@ return #KEYS
 """
 # Cache writes waiting for the flusher; beyond this they are dropped.
 MAX_PENDING = 50_000
+# Most keys one MGET asks for; the rest wait for the next round.
+MAX_READ = 1_000
 
 
 class Cache(Protocol):
@@ -140,6 +142,9 @@ class RedisCache:
         # Writes wait here for the flusher: off the response path, one pipeline per round.
         self._pending: dict[uuid.UUID, bytes] = {}
         self._flusher: asyncio.Future[None] | None = None
+        # Reads wait here for the reader: one MGET per round.
+        self._reads: list[tuple[uuid.UUID, asyncio.Future[bytes | None]]] = []
+        self._reader: asyncio.Future[None] | None = None
 
     async def _call(self, action: str, call: Callable[[], Awaitable[T]], force: bool = False) -> tuple[bool, T | None]:
         """(answered, result) of one Redis call, through the breaker; never raises."""
@@ -163,17 +168,35 @@ class RedisCache:
     async def get(self, decision_id: uuid.UUID) -> bytes | None:
         pending = self._pending.get(decision_id)
         if pending is not None:  # written a moment ago, not yet flushed
-            self.hits += 1
-            metrics.count(metrics.cache_hits)
-            return pending
-        _, value = await self._call("GET", lambda: self.client.get(f"{self._prefix}{decision_id}"))
+            value: bytes | None = pending
+        elif not self._breaker.would_admit():  # Redis is down and no probe is due
+            value = None
+        else:
+            # Reads that arrive together share one MGET: one round trip, one pooled
+            # connection and one reply to parse for all of them, where a GET each
+            # cost more CPU than answering the request itself.
+            waiter: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+            self._reads.append((decision_id, waiter))
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.ensure_future(self._read())
+            value = await waiter
         if value is None:
             self.misses += 1
             metrics.count(metrics.cache_misses)
         else:
             self.hits += 1
             metrics.count(metrics.cache_hits)
-        return cast(bytes | None, value)
+        return value
+
+    async def _read(self) -> None:
+        while self._reads:
+            batch, self._reads = self._reads[:MAX_READ], self._reads[MAX_READ:]
+            keys = [f"{self._prefix}{decision_id}" for decision_id, _ in batch]
+            # On any failure every reader gets a miss and goes on to the system of record.
+            _, values = await self._call("GET", functools.partial(self.client.mget, keys))
+            for (_, waiter), value in zip(batch, values or [None] * len(batch), strict=True):
+                if not waiter.done():  # its request may have been cancelled meanwhile
+                    waiter.set_result(cast(bytes | None, value))  # no decode_responses: bytes
 
     async def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None:
         """Queue the entries and return at once; the flusher writes them in one pipeline."""
@@ -210,9 +233,10 @@ class RedisCache:
         return int(value) if value is not None else None
 
     async def close(self) -> None:
-        # Whatever is still queued is written first (the lifecycle bounds how long this may take).
-        if self._flusher is not None and not self._flusher.done():
-            await self._flusher
+        # Whatever is still queued is written (or read) first; the lifecycle bounds how long this may take.
+        for task in (self._flusher, self._reader):
+            if task is not None and not task.done():
+                await task
         await self.client.aclose()
 
 

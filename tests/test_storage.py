@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
@@ -233,3 +234,32 @@ async def test_store_refuses_a_migration_edited_after_it_was_applied(
     monkeypatch.setattr(storage, "MIGRATIONS", [(version, description, edited), *storage.MIGRATIONS[1:]])
     with pytest.raises(storage.SchemaError, match="was changed after this database applied it"):
         await store.migrate()
+
+
+async def test_concurrent_cache_reads_each_get_their_own_answer(cache: Cache) -> None:
+    """Reads that share a round trip (MGET, for Redis) still each get their own value, or None."""
+    stored = [(uuid.uuid4(), f"payload-{i}".encode()) for i in range(50)]
+    await cache.set_many(stored)
+    await asyncio.sleep(0.05)  # let queued writes reach Redis, so that reads really go there
+    missing = [uuid.uuid4() for _ in range(10)]
+    ids = [decision_id for decision_id, _ in stored] + missing + [stored[0][0]] * 5  # repeats, too
+    answers = await asyncio.gather(*(cache.get(i) for i in ids))
+    expected = dict(stored)
+    assert answers == [expected.get(i) for i in ids]
+    assert (cache.hits, cache.misses) == (55, 10)
+
+
+async def test_a_cancelled_redis_read_leaves_the_others_answered(redis_url: str) -> None:
+    cache = RedisCache(redis_url, timeout=1, prefix=redis_prefix(), ttl=60, client_name="credit-scoring-test-cache")
+    try:
+        stored = [(uuid.uuid4(), f"payload-{i}".encode()) for i in range(5)]
+        await cache.set_many(stored)
+        await asyncio.sleep(0.05)
+        reads = [asyncio.ensure_future(cache.get(i)) for i, _ in stored]
+        await asyncio.sleep(0)  # all five are waiting on one MGET
+        reads[2].cancel()
+        answers = await asyncio.gather(*reads, return_exceptions=True)
+        assert isinstance(answers[2], asyncio.CancelledError)
+        assert [a for k, a in enumerate(answers) if k != 2] == [p for k, (_, p) in enumerate(stored) if k != 2]
+    finally:
+        await cache.close()
