@@ -23,6 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from service import metrics
+from service.coalesce import Coalescer
 from service.settings import mask_url
 
 logger = logging.getLogger(__name__)
@@ -142,9 +143,8 @@ class RedisCache:
         # Writes wait here for the flusher: off the response path, one pipeline per round.
         self._pending: dict[uuid.UUID, bytes] = {}
         self._flusher: asyncio.Future[None] | None = None
-        # Reads wait here for the reader: one MGET per round.
-        self._reads: list[tuple[uuid.UUID, asyncio.Future[bytes | None]]] = []
-        self._reader: asyncio.Future[None] | None = None
+        # One MGET in flight at a time; reads that arrive meanwhile go in the next.
+        self._reads = Coalescer(self._get_many, max_items=MAX_READ, max_in_flight=1)
 
     async def _call(self, action: str, call: Callable[[], Awaitable[T]], force: bool = False) -> tuple[bool, T | None]:
         """(answered, result) of one Redis call, through the breaker; never raises."""
@@ -175,11 +175,7 @@ class RedisCache:
             # Reads that arrive together share one MGET: one round trip, one pooled
             # connection and one reply to parse for all of them, where a GET each
             # cost more CPU than answering the request itself.
-            waiter: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-            self._reads.append((decision_id, waiter))
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.ensure_future(self._read())
-            value = await waiter
+            value = await self._reads.submit(decision_id)
         if value is None:
             self.misses += 1
             metrics.count(metrics.cache_misses)
@@ -188,15 +184,12 @@ class RedisCache:
             metrics.count(metrics.cache_hits)
         return value
 
-    async def _read(self) -> None:
-        while self._reads:
-            batch, self._reads = self._reads[:MAX_READ], self._reads[MAX_READ:]
-            keys = [f"{self._prefix}{decision_id}" for decision_id, _ in batch]
-            # On any failure every reader gets a miss and goes on to the system of record.
-            _, values = await self._call("GET", functools.partial(self.client.mget, keys))
-            for (_, waiter), value in zip(batch, values or [None] * len(batch), strict=True):
-                if not waiter.done():  # its request may have been cancelled meanwhile
-                    waiter.set_result(cast(bytes | None, value))  # no decode_responses: bytes
+    async def _get_many(self, ids: list[uuid.UUID]) -> list[bytes | None]:
+        keys = [f"{self._prefix}{decision_id}" for decision_id in ids]
+        # On any failure every reader gets a miss and goes on to the system of record.
+        _, values = await self._call("GET", functools.partial(self.client.mget, keys))
+        # No decode_responses: the values are bytes.
+        return cast(list[bytes | None], values) if values is not None else [None] * len(ids)
 
     async def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None:
         """Queue the entries and return at once; the flusher writes them in one pipeline."""
@@ -233,10 +226,9 @@ class RedisCache:
         return int(value) if value is not None else None
 
     async def close(self) -> None:
-        # Whatever is still queued is written (or read) first; the lifecycle bounds how long this may take.
-        for task in (self._flusher, self._reader):
-            if task is not None and not task.done():
-                await task
+        # Whatever is still queued is written first (the lifecycle bounds how long this may take).
+        if self._flusher is not None and not self._flusher.done():
+            await self._flusher
         await self.client.aclose()
 
 

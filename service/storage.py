@@ -28,6 +28,7 @@ import psycopg_pool
 from psycopg.types.json import Jsonb
 
 from service import metrics
+from service.coalesce import Coalescer
 from service.errors import StoreUnavailable
 from service.schemas import APPLICANT_FIELDS, Applicant, Decision, encoder, reasons_decoder
 from service.settings import mask_url
@@ -292,11 +293,18 @@ MIGRATION_LOCK_TIMEOUT = "15s"
 MIGRATION_TIMEOUT = 30.0
 
 
-# Most records one group commit takes; the rest wait for the next.
+# Most records (or ids) one group commit (or read) takes; the rest wait for the next.
 MAX_GROUP = 256
 # Group commits in flight at once, each on its own connection: while one waits
 # for its WAL flush, the next is already on its way.
 MAX_COMMITTERS = 4
+# Grouped reads in flight at once, each on its own connection.
+MAX_READERS = 4
+
+
+def _own_exception(exc: Exception) -> Exception:
+    """What each request of a failed group raises: a 503 of its own, or the bug as it is."""
+    return StoreUnavailable(exc.detail) if isinstance(exc, StoreUnavailable) else exc
 
 
 async def _copy(conn: psycopg.AsyncConnection[Any], rows: Sequence[tuple[Any, ...]]) -> None:
@@ -344,8 +352,10 @@ class PostgresStore:
     def __init__(self, pool: psycopg_pool.AsyncConnectionPool, url: str, request_timeout: float) -> None:
         self._pool = pool
         self._request_timeout = request_timeout
-        self._pending: list[tuple[Record, asyncio.Future[Existing | None]]] = []
-        self._committers: set[asyncio.Future[None]] = set()
+        self._inserts = Coalescer(
+            self._insert_group, max_items=MAX_GROUP, max_in_flight=MAX_COMMITTERS, error=_own_exception
+        )
+        self._reads = Coalescer(self._get_group, max_items=MAX_GROUP, max_in_flight=MAX_READERS, error=_own_exception)
         self.description = f"PostgreSQL at {mask_url(url)} (pool {pool.min_size}..{pool.max_size})"
 
     @classmethod
@@ -455,28 +465,10 @@ class PostgresStore:
         in the next one, so under load one round trip and one fsync serve many
         decisions, and each request still returns only once its row is durable.
         """
-        waiter: asyncio.Future[Existing | None] = asyncio.get_running_loop().create_future()
-        self._pending.append((record, waiter))
-        if len(self._committers) < MAX_COMMITTERS:
-            committer = asyncio.ensure_future(self._commit_pending())
-            self._committers.add(committer)
-            committer.add_done_callback(self._committers.discard)
-        return await waiter
+        return await self._inserts.submit(record)
 
-    async def _commit_pending(self) -> None:
-        while self._pending:
-            group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
-            records = [record for record, _ in group]
-            try:
-                outcomes = await self._run(functools.partial(_insert_group, records=records))
-            except Exception as exc:
-                for _, waiter in group:
-                    if not waiter.done():  # a waiter whose request was cancelled needs no answer
-                        waiter.set_exception(StoreUnavailable(exc.detail) if isinstance(exc, StoreUnavailable) else exc)
-                continue
-            for (_, waiter), outcome in zip(group, outcomes, strict=True):
-                if not waiter.done():
-                    waiter.set_result(outcome)
+    async def _insert_group(self, records: list[Record]) -> list[Existing | None]:
+        return await self._run(functools.partial(_insert_group, records=records))
 
     async def insert_many(self, records: Sequence[Record]) -> ExistingBatch | None:
         rows = [_row(r, "postgres") for r in records]
@@ -501,12 +493,16 @@ class PostgresStore:
         return await self._run(insert_all)
 
     async def get(self, decision_id: uuid.UUID) -> Decision | None:
-        async def get(conn: psycopg.AsyncConnection[Any]) -> Decision | None:
-            cur = await conn.execute(_SELECT + " WHERE id = %s", (decision_id,))
-            row = await cur.fetchone()
-            return None if row is None else _decision(row).decision
+        # Reads that arrive together share one query (and one pooled connection).
+        return await self._reads.submit(decision_id)
 
-        return await self._run(get)
+    async def _get_group(self, ids: list[uuid.UUID]) -> list[Decision | None]:
+        async def select(conn: psycopg.AsyncConnection[Any]) -> list[Decision | None]:
+            cur = await conn.execute(_SELECT + " WHERE id = ANY(%s)", (ids,))
+            found = {row[0]: _decision(row).decision for row in await cur.fetchall()}
+            return [found.get(decision_id) for decision_id in ids]
+
+        return await self._run(select)
 
     async def ping(self) -> None:
         async def ping(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -92,6 +92,16 @@ async def test_store_round_trips_a_decision_exactly(store: Store, credit_model: 
     assert encoder.encode(loaded) == encoder.encode(record.decision)
 
 
+async def test_concurrent_reads_each_get_their_own_decision(store: Store, credit_model: CreditModel) -> None:
+    """PostgreSQL answers reads that arrive together with one query; each still gets its own row, or None."""
+    records = [make_record(credit_model, index) for index in range(30)]
+    await asyncio.gather(*(store.insert(r) for r in records))
+    ids = [r.decision.id for r in records] + [uuid.uuid4() for _ in range(5)] + [records[0].decision.id] * 3
+    loaded = await asyncio.gather(*(store.get(i) for i in ids))
+    expected = {r.decision.id: r.decision for r in records}
+    assert loaded == [expected.get(i) for i in ids]
+
+
 async def test_store_get_unknown_is_none(store: Store) -> None:
     assert await store.get(uuid.uuid4()) is None
 

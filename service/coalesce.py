@@ -1,0 +1,59 @@
+"""Calls that arrive together, run together: the group commit and the batched reads.
+
+Under load many requests want the same kind of round trip at once (insert a
+row, read a row, read a cache key). A Coalescer queues their items and runs
+them as one call on a few worker tasks: while one call is in flight, the next
+items queue up and go in the following one. Each caller still gets its own
+answer, or its own exception, and only once its call has completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Coalescer(Generic[T, R]):
+    def __init__(
+        self,
+        run: Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        max_items: int,
+        max_in_flight: int,
+        error: Callable[[Exception], Exception] = lambda exc: exc,
+    ) -> None:
+        """`run(items)` answers each item, in order; `error(exc)` is what each caller of a failed call raises."""
+        self._run = run
+        self._max_items = max_items
+        self._max_in_flight = max_in_flight
+        self._error = error
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._workers: set[asyncio.Future[None]] = set()
+
+    async def submit(self, item: T) -> R:
+        waiter: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, waiter))
+        if len(self._workers) < self._max_in_flight:
+            worker = asyncio.ensure_future(self._work())
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
+        return await waiter
+
+    async def _work(self) -> None:
+        while self._queue:
+            group, self._queue = self._queue[: self._max_items], self._queue[self._max_items :]
+            try:
+                answers = await self._run([item for item, _ in group])
+            except Exception as exc:
+                for _, waiter in group:
+                    if not waiter.done():  # a waiter whose request was cancelled needs no answer
+                        # Each caller raises its own exception object, with its own traceback.
+                        waiter.set_exception(self._error(exc))
+                continue
+            for (_, waiter), answer in zip(group, answers, strict=True):
+                if not waiter.done():
+                    waiter.set_result(answer)
