@@ -45,6 +45,8 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUNS = 3
 CONNECTIONS = (32, 64)
 BATCH_SIZE = 100
+# The latency target for POST /decisions at the highest connection count.
+P99_TARGET_MS = 15.0
 
 
 @dataclass
@@ -352,6 +354,17 @@ def render(results: dict[tuple[str, int], Sample], workers: int, ready: float, r
             f"{sample.p99_ms:.2f} | {sample.non_2xx} | {ratio:.2f} |"
         )
     rows += ["", f"Process start to ready: {ready:.2f} s. Worker RSS after load: {rss:.0f} MiB."]
+    # wrk keeps every connection busy, so mean latency = connections / throughput (Little's law):
+    # a p99 target at N connections is out of reach below N / target requests per second.
+    top = max(CONNECTIONS)
+    post = results[("POST /decisions", top)]
+    ceiling_p99 = results[("ceiling: decode-only POST", top)].p99_ms
+    rows.append(
+        f"At {top} connections the mean latency is {top} / req/s (Little's law): POST /decisions at "
+        f"{post.rps:,.0f} req/s cannot average under {1000 * top / post.rps:.1f} ms, and a p99 of "
+        f"{P99_TARGET_MS:g} ms needs over {1000 * top / P99_TARGET_MS:,.0f} req/s. The decode-only "
+        f"ceiling's own p99 here is {ceiling_p99:.1f} ms."
+    )
     return "\n".join(rows)
 
 
