@@ -320,6 +320,9 @@ class Lifecycle:
             # One budget for the whole stop: what draining used is gone.
             spent = time.monotonic() - state.shutdown_began
             await self._run_shutdown(state, shutdown, budget=max(0.0, _budget(state) - spent))
+            # Closing the cache and the store, after the metrics step, can still count
+            # errors (a last cache flush that failed): publish those too.
+            metrics.flush()
             logger.info(CLOSED)
 
     @staticmethod

@@ -303,7 +303,7 @@ MAX_READERS = 4
 
 
 def _own_exception(exc: Exception) -> Exception:
-    """What each request of a failed group raises: a 503 of its own, or the bug as it is."""
+    """What each request of a failed group raises: a 503 of its own, or the bug as it is (shared: rare, and a 500)."""
     return StoreUnavailable(exc.detail) if isinstance(exc, StoreUnavailable) else exc
 
 

@@ -74,3 +74,35 @@ async def test_calls_in_flight_never_exceed_the_limit(max_in_flight: int) -> Non
     coalescer = Coalescer(run, max_items=2, max_in_flight=max_in_flight)
     await asyncio.gather(*(coalescer.submit(i) for i in range(20)))
     assert run.most_in_flight == max_in_flight
+
+
+async def test_a_caller_that_submits_again_as_soon_as_it_is_answered_is_served() -> None:
+    """The worker that answered it is finishing in the same loop pass: a new one must start anyway."""
+    coalescer = Coalescer(Recorder(), max_items=10, max_in_flight=1)
+
+    async def twice() -> tuple[int, int]:
+        first = await coalescer.submit(1)
+        return first, await coalescer.submit(2)
+
+    assert await asyncio.wait_for(twice(), 2) == (2, 4)
+
+
+async def test_a_cancelled_worker_cancels_its_callers_and_the_queue_is_still_served() -> None:
+    started = asyncio.Event()
+
+    async def stuck(items: list[int]) -> list[int]:
+        if 0 in items:
+            started.set()
+            await asyncio.sleep(3600)
+        return items
+
+    coalescer = Coalescer(stuck, max_items=1, max_in_flight=1)
+    first = asyncio.ensure_future(coalescer.submit(0))
+    await started.wait()
+    second = asyncio.ensure_future(coalescer.submit(7))
+    await asyncio.sleep(0)
+    (worker,) = coalescer._workers
+    worker.cancel()
+    done, _ = await asyncio.wait([first], timeout=2)
+    assert done and first.cancelled()  # not left waiting forever
+    assert await asyncio.wait_for(second, 2) == 7

@@ -246,11 +246,18 @@ async def test_store_refuses_a_migration_edited_after_it_was_applied(
         await store.migrate()
 
 
+async def _written(cache: Cache) -> None:
+    """Wait until the queued writes are in Redis (the in-process cache has no queue)."""
+    flusher = getattr(cache, "_flusher", None)
+    if flusher is not None:
+        await asyncio.wait_for(asyncio.shield(flusher), 5)
+
+
 async def test_concurrent_cache_reads_each_get_their_own_answer(cache: Cache) -> None:
     """Reads that share a round trip (MGET, for Redis) still each get their own value, or None."""
     stored = [(uuid.uuid4(), f"payload-{i}".encode()) for i in range(50)]
     await cache.set_many(stored)
-    await asyncio.sleep(0.05)  # let queued writes reach Redis, so that reads really go there
+    await _written(cache)  # reads must really go to Redis
     missing = [uuid.uuid4() for _ in range(10)]
     ids = [decision_id for decision_id, _ in stored] + missing + [stored[0][0]] * 5  # repeats, too
     answers = await asyncio.gather(*(cache.get(i) for i in ids))
@@ -264,7 +271,7 @@ async def test_a_cancelled_redis_read_leaves_the_others_answered(redis_url: str)
     try:
         stored = [(uuid.uuid4(), f"payload-{i}".encode()) for i in range(5)]
         await cache.set_many(stored)
-        await asyncio.sleep(0.05)
+        await _written(cache)
         reads = [asyncio.ensure_future(cache.get(i)) for i, _ in stored]
         await asyncio.sleep(0)  # all five are waiting on one MGET
         reads[2].cancel()
