@@ -189,10 +189,8 @@ async def _start_metrics(state: State) -> str:
 
 async def _stop_metrics(state: State) -> str:
     state.metrics_task.cancel()
-    # Every request has been answered by now: this publishes the last of them.
-    metrics.flush()
     metrics.process_exited(os.getpid())
-    return "published the last counts and retired this worker's live gauges"
+    return "stopped publishing and retired this worker's live gauges"
 
 
 async def _load_model(state: State) -> str:
@@ -320,8 +318,8 @@ class Lifecycle:
             # One budget for the whole stop: what draining used is gone.
             spent = time.monotonic() - state.shutdown_began
             await self._run_shutdown(state, shutdown, budget=max(0.0, _budget(state) - spent))
-            # Closing the cache and the store, after the metrics step, can still count
-            # errors (a last cache flush that failed): publish those too.
+            # The last counts: every request is answered by now, and closing the cache
+            # and the store (after the metrics step) can still count errors.
             metrics.flush()
             logger.info(CLOSED)
 

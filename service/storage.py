@@ -278,13 +278,9 @@ _PG_INSERT = (
 # every field, and psycopg dumps each column with the dumper named below instead
 # of looking one up per value.
 _PG_COPY = f"COPY decisions ({', '.join(_NAMES)}) FROM STDIN (FORMAT BINARY)"
+# Taken from the declarations CREATE TABLE is built from ("uuid PRIMARY KEY" -> "uuid").
 _PG_COPY_TYPES = [
-    {"id": "uuid", "created_at": "timestamptz", "reasons": "jsonb", "batch_id": "uuid", "batch_position": "int4"}.get(
-        name, "text"
-    )
-    if kind is None
-    else {int: "int4", float: "float8", str: "text", bool: "bool"}[kind]
-    for name, kind in _COLUMNS
+    _PG_TYPES[kind] if kind is not None else _SPECIAL["postgres"][name].split()[0] for name, kind in _COLUMNS
 ]
 # Errors that are our bugs, not the database's state: let them surface as such.
 _PG_BUGS = (psycopg.ProgrammingError, psycopg.DataError, psycopg.IntegrityError, psycopg.NotSupportedError)

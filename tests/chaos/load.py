@@ -81,15 +81,12 @@ class Load:
             while True:
                 try:
                     response = await client.post("/decisions", json=applicant, headers={"Idempotency-Key": key})
-                except httpx.ConnectError:
-                    self.result.refused += 1
-                    if self._stop.is_set():
-                        self.result.unanswered.append(key)
-                        return
-                    await asyncio.sleep(0.05)
-                    continue
-                except httpx.TransportError:
-                    self.result.dropped += 1
+                except httpx.TransportError as exc:
+                    # Refused: never reached the service. Dropped: sent, then the connection broke.
+                    if isinstance(exc, httpx.ConnectError):
+                        self.result.refused += 1
+                    else:
+                        self.result.dropped += 1
                     if self._stop.is_set():
                         self.result.unanswered.append(key)
                         return
