@@ -16,7 +16,7 @@ from service.cache import Cache, MemoryCache, RedisCache
 from service.errors import StoreUnavailable
 from service.model import CreditModel
 from service.schemas import Decision, encoder
-from service.storage import PostgresStore, Record, SQLiteStore, Store
+from service.storage import PostgresStore, Record, SQLiteStore, Store, schema
 from tests.conftest import redis_prefix
 
 pytestmark = pytest.mark.anyio
@@ -239,9 +239,10 @@ async def test_decision_json_round_trips_through_msgspec(credit_model: CreditMod
 async def test_store_refuses_a_migration_edited_after_it_was_applied(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    version, description, statements = storage.MIGRATIONS[0]
+    version, description, statements = schema.MIGRATIONS[0]
     edited = {dialect: [*sql, "SELECT 1"] for dialect, sql in statements.items()}
-    monkeypatch.setattr(storage, "MIGRATIONS", [(version, description, edited), *storage.MIGRATIONS[1:]])
+    # Patched where the stores read it (service/storage/schema.py), not the package's re-export.
+    monkeypatch.setattr(schema, "MIGRATIONS", [(version, description, edited), *schema.MIGRATIONS[1:]])
     with pytest.raises(storage.SchemaError, match="was changed after this database applied it"):
         await store.migrate()
 

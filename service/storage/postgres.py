@@ -1,0 +1,307 @@
+"""The PostgreSQL store: a psycopg pool, group commits and grouped reads, binary COPY.
+
+This is the production back end. Inserts that arrive together share one
+transaction (one round trip, one WAL flush) through a Coalescer, records without
+an Idempotency-Key go in by binary COPY, and every call is bounded so that a
+server that stops answering is a 503 (StoreUnavailable) rather than a hung
+request. Migrations take an advisory lock, so several workers and the release
+phase can start at once. Rows and the schema come from base.py and schema.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg_pool
+
+from service import metrics
+from service.coalesce import Coalescer
+from service.errors import StoreUnavailable
+from service.schemas import Decision
+from service.settings import mask_url
+from service.storage.base import (
+    _BATCH_OF_KEY,
+    _SELECT,
+    Existing,
+    ExistingBatch,
+    Record,
+    _decision,
+    _existing_batch,
+    _row,
+)
+from service.storage.schema import _COLUMNS, _NAMES, _PG_TYPES, _SPECIAL, MIGRATION_LOCK_ID, _checksum, _to_apply
+from service.tasks import abandon
+
+T = TypeVar("T")
+
+_PG_INSERT = (
+    f"INSERT INTO decisions ({', '.join(_NAMES)}) VALUES ({', '.join(['%s'] * len(_NAMES))})"
+    " ON CONFLICT (idempotency_key) DO NOTHING"
+)
+# Binary COPY: PostgreSQL skips parsing text into uuid, timestamptz and float8 for
+# every field, and psycopg dumps each column with the dumper named below instead
+# of looking one up per value.
+_PG_COPY = f"COPY decisions ({', '.join(_NAMES)}) FROM STDIN (FORMAT BINARY)"
+# Taken from the declarations CREATE TABLE is built from ("uuid PRIMARY KEY" -> "uuid").
+_PG_COPY_TYPES = [
+    _PG_TYPES[kind] if kind is not None else _SPECIAL["postgres"][name].split()[0] for name, kind in _COLUMNS
+]
+# Errors that are our bugs, not the database's state: let them surface as such.
+_PG_BUGS = (psycopg.ProgrammingError, psycopg.DataError, psycopg.IntegrityError, psycopg.NotSupportedError)
+# How long migrations wait for another migrator's lock before start-up gives up.
+MIGRATION_LOCK_TIMEOUT = "15s"
+MIGRATION_TIMEOUT = 30.0
+
+
+# Most records (or ids) one group commit (or read) takes; the rest wait for the next.
+MAX_GROUP = 256
+# Group commits in flight at once, each on its own connection: while one waits
+# for its WAL flush, the next is already on its way.
+MAX_COMMITTERS = 4
+# Grouped reads in flight at once, each on its own connection.
+MAX_READERS = 4
+
+
+def _own_exception(exc: Exception) -> Exception:
+    """What each request of a failed group raises: a 503 of its own, or the bug as it is (shared: rare, and a 500)."""
+    return StoreUnavailable(exc.detail) if isinstance(exc, StoreUnavailable) else exc
+
+
+async def _copy(conn: psycopg.AsyncConnection[Any], rows: Sequence[tuple[Any, ...]]) -> None:
+    async with conn.cursor() as cur, cur.copy(_PG_COPY) as copy:
+        copy.set_types(_PG_COPY_TYPES)
+        for row in rows:
+            await copy.write_row(row)
+
+
+async def _insert_group(conn: psycopg.AsyncConnection[Any], *, records: Sequence[Record]) -> list[Existing | None]:
+    """Insert the records in one transaction; for each, None, or the record already under its key."""
+    keyed = [i for i, r in enumerate(records) if r.idempotency_key is not None]
+    outcomes: list[Existing | None] = [None] * len(records)
+    if not keyed:
+        # The common case under load: one COPY, which on an autocommit connection is
+        # its own transaction (all rows or none) without BEGIN and COMMIT round trips.
+        await _copy(conn, [_row(record, "postgres") for record in records])
+        return outcomes
+    async with conn.transaction(), conn.cursor() as cur:
+        if len(keyed) < len(records):
+            # Records without a key cannot conflict: COPY is several times cheaper
+            # than INSERTs, on both sides of the connection.
+            await _copy(conn, [_row(record, "postgres") for record in records if record.idempotency_key is None])
+        if keyed:
+            # Pipelined: one round trip for all keyed records.
+            await cur.executemany(
+                _PG_INSERT + " RETURNING id", [_row(records[i], "postgres") for i in keyed], returning=True
+            )
+            taken = []
+            for i in keyed:
+                if await cur.fetchone() is None:
+                    taken.append(i)
+                cur.nextset()
+            for i in taken:
+                # Its Idempotency-Key is taken: answer with the stored record.
+                await cur.execute(_SELECT + " WHERE idempotency_key = %s", (records[i].idempotency_key,))
+                row = await cur.fetchone()
+                if row is None:  # pragma: no cover - a conflict implies the row exists
+                    raise StoreUnavailable("The idempotency record vanished; retry the request.")
+                outcomes[i] = _decision(row)
+    return outcomes
+
+
+class PostgresStore:
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool, url: str, request_timeout: float) -> None:
+        self._pool = pool
+        self._request_timeout = request_timeout
+        self._inserts = Coalescer(
+            self._insert_group, max_items=MAX_GROUP, max_in_flight=MAX_COMMITTERS, error=_own_exception
+        )
+        self._reads = Coalescer(self._get_group, max_items=MAX_GROUP, max_in_flight=MAX_READERS, error=_own_exception)
+        self.description = f"PostgreSQL at {mask_url(url)} (pool {pool.min_size}..{pool.max_size})"
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        pool_size: int,
+        connect_timeout: float,
+        request_timeout: float,
+        application_name: str,
+    ) -> PostgresStore:
+        """Open the pool and wait, bounded, for its first connection; close it again on failure."""
+        pool = psycopg_pool.AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            timeout=request_timeout,
+            # Verifies each connection before handing it out, so a connection broken
+            # by a database restart is replaced instead of failing a request.
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
+            kwargs={
+                # One INSERT is one transaction: autocommit saves a BEGIN/COMMIT round trip.
+                "autocommit": True,
+                "application_name": application_name,
+                "connect_timeout": max(1, round(connect_timeout)),
+                # Notice a peer that vanished without closing (a failover, a cut
+                # network) within ~20 s even on an idle pooled connection.
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 2,
+            },
+            name="decisions",
+        )
+        try:
+            await pool.open(wait=True, timeout=connect_timeout)
+        except BaseException as exc:
+            await pool.close(timeout=1.0)
+            if isinstance(exc, psycopg_pool.PoolTimeout):
+                raise StoreUnavailable(
+                    f"PostgreSQL at {mask_url(url)} did not accept a connection within {connect_timeout:g} s."
+                ) from None
+            raise
+        return cls(pool, url, request_timeout)
+
+    async def _run(
+        self, action: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], limit: float | None = None
+    ) -> T:
+        """Run `action` on a pooled connection; any outage, including a server that stops answering, is a 503."""
+        # Bounds the whole call, not just the wait for a connection: a server that
+        # accepts but never answers must not hold a request (or shutdown) forever.
+        # The call runs as its own task because cancelling psycopg mid-query makes it
+        # send the server a cancel request and wait for that too; we answer at the
+        # deadline and let that clean-up finish in the background.
+        task = asyncio.ensure_future(self._on_connection(action))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), limit or self._request_timeout * 2)
+        except TimeoutError:
+            abandon(task)
+            metrics.count(metrics.store_errors)
+            raise StoreUnavailable("The system of record did not answer in time.") from None
+        except asyncio.CancelledError:
+            abandon(task)
+            raise
+        except _PG_BUGS:
+            raise
+        except psycopg.Error as exc:  # connection lost, read-only after failover, admin shutdown...
+            metrics.count(metrics.store_errors)
+            raise StoreUnavailable(f"The system of record is unavailable: {type(exc).__name__}.") from exc
+
+    async def _on_connection(self, action: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        async with self._pool.connection(timeout=self._request_timeout) as conn:
+            return await action(conn)
+
+    async def migrate(self) -> list[int]:
+        async def apply(conn: psycopg.AsyncConnection[Any]) -> list[int]:
+            async with conn.transaction():
+                # Serialises concurrent migrators (several workers, the release phase);
+                # released at COMMIT. Bounded, so a stuck migrator cannot stall start-up.
+                await conn.execute(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT}'")
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations"
+                    " (version integer PRIMARY KEY, description text NOT NULL, checksum text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                cur = await conn.execute("SELECT version, checksum FROM schema_migrations")
+                applied = []
+                for version, description, statements in _to_apply(dict(await cur.fetchall()), "postgres"):
+                    for statement in statements:
+                        await conn.execute(statement)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, description, checksum) VALUES (%s, %s, %s)",
+                        (version, description, _checksum(statements)),
+                    )
+                    applied.append(version)
+                return applied
+
+        return await self._run(apply, limit=MIGRATION_TIMEOUT)
+
+    async def insert(self, record: Record) -> Existing | None:
+        """Group commit: the record joins the next transaction; we answer after its COMMIT.
+
+        Requests that arrive while a commit is in flight queue up and go in together
+        in the next one, so under load one round trip and one fsync serve many
+        decisions, and each request still returns only once its row is durable.
+        """
+        return await self._inserts.submit(record)
+
+    async def _insert_group(self, records: list[Record]) -> list[Existing | None]:
+        return await self._run(functools.partial(_insert_group, records=records))
+
+    async def insert_many(self, records: Sequence[Record]) -> ExistingBatch | None:
+        rows = [_row(r, "postgres") for r in records]
+
+        if records[0].idempotency_key is None:
+            # Nothing can conflict: one autocommit COPY, all rows or none.
+            await self._run(functools.partial(_copy, rows=rows))
+            return None
+
+        async def insert_all(conn: psycopg.AsyncConnection[Any]) -> ExistingBatch | None:
+            async with conn.transaction(), conn.cursor() as cur:
+                # The first row carries the batch's idempotency key, if any: if it is
+                # already taken, nothing is written and the stored batch is returned.
+                await cur.execute(_PG_INSERT, rows[0])
+                if cur.rowcount == 0:
+                    await cur.execute(_SELECT + _BATCH_OF_KEY.format(p="%s"), (records[0].idempotency_key,))
+                    return _existing_batch(await cur.fetchall())
+                # The rest carry no key: COPY moves them several times faster than INSERTs.
+                await _copy(conn, rows[1:])
+                return None
+
+        return await self._run(insert_all)
+
+    async def get(self, decision_id: uuid.UUID) -> Decision | None:
+        # Reads that arrive together share one query (and one pooled connection).
+        return await self._reads.submit(decision_id)
+
+    async def _get_group(self, ids: list[uuid.UUID]) -> list[Decision | None]:
+        async def select(conn: psycopg.AsyncConnection[Any]) -> list[Decision | None]:
+            cur = await conn.execute(_SELECT + " WHERE id = ANY(%s)", (ids,))
+            found = {row[0]: _decision(row).decision for row in await cur.fetchall()}
+            return [found.get(decision_id) for decision_id in ids]
+
+        return await self._run(select)
+
+    async def ping(self) -> None:
+        async def ping(conn: psycopg.AsyncConnection[Any]) -> None:
+            cur = await conn.execute("SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'")
+            row = await cur.fetchone()
+            # A standby (or a read-only database after a failover) answers, but cannot record.
+            if row is None or row[0]:
+                raise StoreUnavailable("The system of record is read-only.")
+
+        await self._run(ping)
+
+    async def close(self) -> None:
+        await self._pool.close(timeout=5.0)
+
+    @property
+    def pool_size(self) -> int:
+        return int(self._pool.max_size)
+
+    async def capacity(self) -> tuple[int, int, int]:
+        """The server's max_connections, how many of them are reserved for superusers, and how many are in use."""
+
+        async def read(conn: psycopg.AsyncConnection[Any]) -> tuple[int, int, int]:
+            cur = await conn.execute(
+                "SELECT current_setting('max_connections')::int,"
+                " current_setting('superuser_reserved_connections')::int,"
+                " (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int"
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0]), int(row[1]), int(row[2])
+
+        return await self._run(read)
+
+    def observe_pool(self) -> None:
+        stats = self._pool.get_stats()
+        metrics.pool_size.set(stats["pool_size"])
+        metrics.pool_in_use.set(stats["pool_size"] - stats["pool_available"])

@@ -1,0 +1,119 @@
+"""The decisions table as data: its columns, the CREATE TABLE built from them, and the migrations.
+
+Both back ends build their schema, their INSERTs and (for PostgreSQL) their COPY
+types from the one column list here, so the two cannot drift apart. The
+migration history is append-only and checksummed: `_to_apply` tells a back end
+which migrations it still has to run, and raises SchemaError if the database
+applied one that has since been edited. Nothing here touches a connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import get_type_hints
+
+from service.schemas import APPLICANT_FIELDS, Applicant
+
+# Any number works as long as every worker and the release phase use the same one.
+MIGRATION_LOCK_ID = 0x63726564  # "cred"
+
+_PG_TYPES = {int: "integer", float: "double precision", str: "text", bool: "boolean"}
+_SQLITE_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT", bool: "INTEGER"}
+
+
+def _applicant_columns() -> list[tuple[str, type]]:
+    hints = get_type_hints(Applicant)
+    columns = []
+    for name in APPLICANT_FIELDS:
+        hint = hints[name]
+        base = hint if hint in _PG_TYPES else str  # Literal[...] categories are text
+        columns.append((name, base))
+    return columns
+
+
+_COLUMNS: list[tuple[str, type | None]] = [
+    ("id", None),
+    ("created_at", None),
+    ("model_version", str),
+    *_applicant_columns(),
+    ("probability_of_default", float),
+    ("risk_category", str),
+    ("score", int),
+    ("decision", str),
+    ("reasons", None),
+    ("idempotency_key", None),
+    ("request_hash", None),
+    ("batch_id", None),
+    ("batch_position", None),
+]
+_SPECIAL = {
+    "postgres": {
+        "id": "uuid PRIMARY KEY",
+        "created_at": "timestamptz NOT NULL",
+        "reasons": "jsonb NOT NULL",
+        "idempotency_key": "text UNIQUE",
+        "request_hash": "text",
+        "batch_id": "uuid",
+        "batch_position": "integer",
+    },
+    "sqlite": {
+        "id": "TEXT PRIMARY KEY",
+        "created_at": "TEXT NOT NULL",
+        "reasons": "TEXT NOT NULL",
+        "idempotency_key": "TEXT UNIQUE",
+        "request_hash": "TEXT",
+        "batch_id": "TEXT",
+        "batch_position": "INTEGER",
+    },
+}
+
+_NAMES = [name for name, _ in _COLUMNS]
+
+
+def _create_table(dialect: str) -> str:
+    types = _PG_TYPES if dialect == "postgres" else _SQLITE_TYPES
+    lines = [
+        f"{name} {_SPECIAL[dialect][name] if kind is None else types[kind] + ' NOT NULL'}" for name, kind in _COLUMNS
+    ]
+    return "CREATE TABLE IF NOT EXISTS decisions (\n  " + ",\n  ".join(lines) + "\n)"
+
+
+# Append-only: a deployed migration is never edited, only followed by a new one.
+MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
+    (
+        1,
+        "create decisions",
+        {
+            dialect: [
+                _create_table(dialect),
+                "CREATE INDEX IF NOT EXISTS decisions_created_at ON decisions (created_at)",
+                "CREATE INDEX IF NOT EXISTS decisions_batch ON decisions (batch_id, batch_position)"
+                " WHERE batch_id IS NOT NULL",
+            ]
+            for dialect in ("postgres", "sqlite")
+        },
+    ),
+]
+
+
+class SchemaError(Exception):
+    """The database's schema history does not match the migrations in this code."""
+
+
+def _checksum(statements: list[str]) -> str:
+    return hashlib.sha256("\n".join(statements).encode()).hexdigest()
+
+
+def _to_apply(done: dict[int, str], dialect: str) -> list[tuple[int, str, list[str]]]:
+    """The migrations not applied yet; refuses if an applied one was edited since."""
+    pending = []
+    for version, description, statements in MIGRATIONS:
+        checksum = _checksum(statements[dialect])
+        if version not in done:
+            pending.append((version, description, statements[dialect]))
+        elif done[version] != checksum:
+            raise SchemaError(
+                f"Migration {version} ({description!r}) was changed after this database applied it "
+                f"(checksum {done[version][:12]}, now {checksum[:12]}): add a new migration instead of editing one."
+            )
+    return pending
