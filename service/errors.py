@@ -4,13 +4,15 @@
     ├── BadRequest                  400  body is not JSON, not UTF-8, or empty
     │   └── InvalidHeader           400  a malformed Idempotency-Key
     ├── Unauthorized                401  missing or wrong API key
-    ├── NotFound                    404  unknown decision id or path
+    ├── Forbidden                   403  an admin endpoint without an admin key
+    ├── NotFound                    404  unknown decision id, model version or path
     ├── MethodNotAllowed            405
     ├── Conflict                    409  same Idempotency-Key still in flight
     ├── PayloadTooLarge             413  body over the route's limit
     ├── UnsupportedMediaType        415  Content-Type is not JSON
     ├── ValidationFailed            422  JSON of the wrong shape, type, range or enum
-    │   └── IdempotencyKeyReused    422  same Idempotency-Key, other body
+    │   ├── IdempotencyKeyReused    422  same Idempotency-Key, other body
+    │   └── ModelRefused            422  a model version that cannot be loaded or cannot take that role
     └── ServiceUnavailable          503  system of record unreachable, or shutting down
 
 Storage failures are StoreUnavailable (a ServiceUnavailable). ClientGone is a
@@ -72,6 +74,12 @@ class Unauthorized(ServiceError):
         return {"WWW-Authenticate": 'Bearer realm="credit-scoring"'}
 
 
+class Forbidden(ServiceError):
+    """The key (or its absence) does not allow this endpoint."""
+
+    status, title, slug = 403, "Forbidden", "forbidden"
+
+
 class NotFound(ServiceError):
     """No such decision, or no such path."""
 
@@ -119,6 +127,12 @@ class IdempotencyKeyReused(ValidationFailed):
     """The Idempotency-Key was first used with another body."""
 
     title, slug = "Idempotency-Key reused", "idempotency-key-reused"
+
+
+class ModelRefused(ValidationFailed):
+    """The model version exists but cannot be loaded, or cannot take the role asked for; nothing changed."""
+
+    title, slug = "Model version refused", "model-refused"
 
 
 class ServiceUnavailable(ServiceError):

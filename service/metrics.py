@@ -57,6 +57,23 @@ pool_in_use = Gauge(
     "db_pool_connections_in_use", "Pooled PostgreSQL connections lent out.", multiprocess_mode="livesum"
 )
 shutting_down = Gauge("shutting_down", "1 while the process is shutting down.", multiprocess_mode="livemax")
+# The model lifecycle. One sample per worker (pid label): 1 for each version it serves, by role.
+model_loaded = Gauge(
+    "model_loaded",
+    "1 for the model version this worker serves, by role.",
+    ["role", "version"],
+    multiprocess_mode="liveall",
+)
+model_reloads = Counter("model_reloads", "Model versions loaded and swapped in, by role.", ["role"])
+model_reload_failures = Counter(
+    "model_reload_failures", "Model versions that failed to load (the worker kept what it served), by role.", ["role"]
+)
+challenger_scored = Counter("challenger_scored", "Decisions the challenger scored and recorded.")
+challenger_dropped = Counter(
+    "challenger_dropped",
+    "Decisions sampled for the challenger but not scored, by reason (never the champion's work).",
+    ["reason"],
+)
 
 
 # -- per-process tally ------------------------------------------------------------------
@@ -71,10 +88,10 @@ _counts: dict[tuple[Counter, tuple[str, ...]], float] = {}
 _observations: dict[tuple[Histogram, tuple[str, ...]], list[float]] = {}
 
 
-def count(metric: Counter, *labels: str) -> None:
-    """Add one to the counter (with these label values) at the next flush."""
+def count(metric: Counter, *labels: str, amount: float = 1.0) -> None:
+    """Add `amount` (one) to the counter (with these label values) at the next flush."""
     key = (metric, labels)
-    _counts[key] = _counts.get(key, 0.0) + 1.0
+    _counts[key] = _counts.get(key, 0.0) + amount
 
 
 def observe(metric: Histogram, value: float, *labels: str) -> None:

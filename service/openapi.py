@@ -11,13 +11,37 @@ from typing import Any
 import msgspec
 
 from service import dataset
-from service.schemas import Applicant, BatchRequest, BatchResponse, Decision, Problem, encoder
+from service.schemas import (
+    Applicant,
+    Assignment,
+    AssignmentHistory,
+    BatchRequest,
+    BatchResponse,
+    ChallengerRequest,
+    Comparison,
+    Decision,
+    ModelsOverview,
+    Problem,
+    encoder,
+)
 
 REF = "#/components/schemas/{name}"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 _, _components = msgspec.json.schema_components(
-    [Applicant, BatchRequest, Decision, BatchResponse, Problem], ref_template=REF
+    [
+        Applicant,
+        BatchRequest,
+        Decision,
+        BatchResponse,
+        Problem,
+        ModelsOverview,
+        Assignment,
+        ChallengerRequest,
+        Comparison,
+        AssignmentHistory,
+    ],
+    ref_template=REF,
 )
 _EXAMPLE = msgspec.to_builtins(dataset.load().applicants[1])
 
@@ -35,13 +59,14 @@ def _json(schema: dict[str, Any], description: str, example: Any = None) -> dict
 
 def _problems(*statuses: int) -> dict[str, Any]:
     reasons = {
-        400: "The body is not JSON, not UTF-8, or empty; or a header is malformed.",
+        400: "The body is not JSON, not UTF-8, or empty; or a header or query parameter is malformed.",
         401: "Missing or wrong API key (when API_KEYS is set).",
-        404: "No such decision.",
+        403: "Not an admin key (ADMIN_API_KEYS), or no admin keys are configured.",
+        404: "No such decision or model version.",
         409: "A request with the same Idempotency-Key is still in flight.",
         413: "The body is too large.",
         415: "Content-Type is not JSON.",
-        422: "The body is not a valid request; errors[].path names the field.",
+        422: "The body is not a valid request (errors[].path names the field), or the model version was refused.",
         503: "The system of record is unavailable, or the service is shutting down; see Retry-After.",
     }
     return {
@@ -51,6 +76,18 @@ def _problems(*statuses: int) -> dict[str, Any]:
 
 
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}, {}]  # API keys are optional: only when API_KEYS is set
+_ADMIN: list[dict[str, list[str]]] = [{"admin": []}]
+_WINDOW = [
+    {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": f"ISO 8601 time; {what}. A time without an offset is UTC.",
+        "schema": {"type": "string", "format": "date-time"},
+    }
+    for name, what in (("since", "default: until - 24 h"), ("until", "default: now"))
+]
+_VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
 _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
     "in": "header",
@@ -130,6 +167,77 @@ DOCUMENT: dict[str, Any] = {
                 "responses": {"200": _json(_ref("Decision"), "The decision."), **_problems(401, 404, 503)},
             }
         },
+        "/admin/models": {
+            "get": {
+                "operationId": "listModels",
+                "summary": "Every version in the registry, the assignment, and what each worker serves.",
+                "security": _ADMIN,
+                "responses": {
+                    "200": _json(_ref("ModelsOverview"), "The registry and the assignment."),
+                    **_problems(403, 503),
+                },
+            }
+        },
+        "/admin/models/{version}/promote": {
+            "post": {
+                "operationId": "promoteModel",
+                "summary": "Make a version champion (a rollback promotes the version before). Reaches every worker.",
+                "security": _ADMIN,
+                "parameters": [_VERSION, _REQUEST_ID],
+                "responses": {
+                    "200": _json(_ref("Assignment"), "The new assignment."),
+                    **_problems(403, 404, 422, 503),
+                },
+            }
+        },
+        "/admin/challenger": {
+            "put": {
+                "operationId": "setChallenger",
+                "summary": "Shadow the champion with a version on a share of decisions, or stop (version null).",
+                "security": _ADMIN,
+                "parameters": [_REQUEST_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ChallengerRequest")}},
+                },
+                "responses": {
+                    "200": _json(_ref("Assignment"), "The new assignment."),
+                    **_problems(400, 403, 404, 413, 415, 422, 503),
+                },
+            }
+        },
+        "/admin/challenger/comparison": {
+            "get": {
+                "operationId": "compareChallenger",
+                "summary": "Champion against challenger on the decisions both scored in a window.",
+                "security": _ADMIN,
+                "parameters": [
+                    *_WINDOW,
+                    {"name": "champion", "in": "query", "required": False, "schema": {"type": "string"}},
+                    {"name": "challenger", "in": "query", "required": False, "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _json(_ref("Comparison"), "The comparison."), **_problems(400, 403, 404, 503)},
+            }
+        },
+        "/admin/assignments": {
+            "get": {
+                "operationId": "assignmentHistory",
+                "summary": "Every change of the assignment, newest first: from, to, by which admin key, when.",
+                "security": _ADMIN,
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                    }
+                ],
+                "responses": {
+                    "200": _json(_ref("AssignmentHistory"), "The history."),
+                    **_problems(400, 403, 503),
+                },
+            }
+        },
         "/model": {
             "get": {
                 "operationId": "getModel",
@@ -178,7 +286,10 @@ DOCUMENT: dict[str, Any] = {
     },
     "components": {
         "schemas": _components,
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "One of API_KEYS."}},
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "One of API_KEYS."},
+            "admin": {"type": "http", "scheme": "bearer", "description": "One of ADMIN_API_KEYS."},
+        },
     },
 }
 

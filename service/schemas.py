@@ -95,7 +95,7 @@ class Reason(msgspec.Struct, frozen=True):
 
 class Decision(msgspec.Struct, frozen=True):
     id: uuid.UUID
-    decision: Literal["approve", "decline"]
+    decision: Literal["approve", "decline", "refer"]
     probability_of_default: float
     risk_category: RiskCategory
     score: int
@@ -123,9 +123,117 @@ class Problem(msgspec.Struct, omit_defaults=True):
     errors: list[ProblemError] = []
 
 
+# -- model lifecycle (admin) ---------------------------------------------------
+
+Share = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class ChallengerAssignment(msgspec.Struct, frozen=True):
+    version: str
+    # The fraction of decisions the challenger also scores, off the response path.
+    share: float
+
+
+class Assignment(msgspec.Struct, frozen=True):
+    """Which version is champion and which challenger, as stored in the system of record."""
+
+    champion: str
+    challenger: ChallengerAssignment | None
+    changed_at: dt.datetime
+    changed_by: str
+    revision: int
+
+
+class AssignmentChange(msgspec.Struct, frozen=True):
+    """One entry of the assignment's history: what it was, what it became, who changed it and when."""
+
+    revision: int
+    action: str
+    champion: str
+    challenger: ChallengerAssignment | None
+    previous_champion: str | None
+    previous_challenger: ChallengerAssignment | None
+    changed_at: dt.datetime
+    changed_by: str
+
+
+class ChallengerRequest(_Strict, frozen=True):
+    """Body of PUT /admin/challenger: a version and its share, or `{"version": null}` to stop."""
+
+    version: Annotated[str, msgspec.Meta(min_length=1, max_length=100)] | None
+    share: Share = 1.0
+
+
+class WorkerModels(msgspec.Struct, frozen=True):
+    """What one worker process has loaded, as it last reported it."""
+
+    worker: str
+    revision: int
+    champion: str
+    challenger: str | None
+    loaded_at: dt.datetime
+    seen_at: dt.datetime
+    error: str | None = None
+
+
+class VersionSummary(msgspec.Struct, frozen=True):
+    """A version in the registry: what it is, how it did on held-out data, and its role now."""
+
+    version: str
+    kind: str | None
+    trained_at: dt.datetime | None
+    sha256: str | None
+    # Held-out ROC AUC, Gini, KS and Brier.
+    metrics: dict[str, float] | None
+    role: Literal["champion", "challenger"] | None
+    # Why the folder cannot be used (its metadata is missing or invalid), else null.
+    error: str | None = None
+
+
+class ModelsOverview(msgspec.Struct, frozen=True):
+    """GET /admin/models: the registry, the assignment, and what every worker serves."""
+
+    assignment: Assignment
+    versions: list[VersionSummary]
+    workers: list[WorkerModels]
+
+
+class AssignmentHistory(msgspec.Struct, frozen=True):
+    changes: list[AssignmentChange]
+
+
+class ChallengerDecision(msgspec.Struct, frozen=True):
+    """A challenger's verdict on a decision the champion made, recorded beside it."""
+
+    decision_id: uuid.UUID
+    model_version: str
+    probability_of_default: float
+    risk_category: str
+    score: int
+    decision: str
+    scored_at: dt.datetime
+
+
+class Comparison(msgspec.Struct, frozen=True):
+    """Champion against challenger over a window, on the decisions both scored."""
+
+    champion: str
+    challenger: str
+    window: dict[str, dt.datetime]
+    count: int
+    # approve_to_decline, decline_to_approve, and to and from refer: champion's decision first.
+    flips: dict[str, int]
+    approval_rate: dict[str, float | None]
+    abs_delta_p: dict[str, float | None]
+    score_correlation: float | None
+    # Back-testing against recorded outcomes (AUC, Gini, KS of each): null while none are recorded.
+    outcomes: dict[str, Any] | None = None
+
+
 # Built once: msgspec decoders and encoders are reusable and thread-safe.
 applicant_decoder = msgspec.json.Decoder(Applicant)
 batch_decoder = msgspec.json.Decoder(BatchRequest)
 reasons_decoder = msgspec.json.Decoder(list[Reason])
 decision_decoder = msgspec.json.Decoder(Decision)
+challenger_request_decoder = msgspec.json.Decoder(ChallengerRequest)
 encoder = msgspec.json.Encoder()

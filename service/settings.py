@@ -6,8 +6,11 @@ start-up can log it and stop.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +18,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SQLITE_PATH = PROJECT_ROOT / "var" / "decisions.sqlite3"
-DEFAULT_MODEL_PATH = PROJECT_ROOT / "artifacts" / "classifier.joblib"
+DEFAULT_MODEL_DIR = PROJECT_ROOT / "artifacts" / "models"
 LOG_FORMATS = ("text", "json")
 
 
@@ -52,11 +55,17 @@ class Settings:
     database_url: str | None = field(default=None, repr=False)
     sqlite_path: Path = DEFAULT_SQLITE_PATH
     redis_url: str | None = field(default=None, repr=False)
-    model_path: Path = DEFAULT_MODEL_PATH
+    model_dir: Path = DEFAULT_MODEL_DIR
+    # The first champion, when the system of record has no assignment yet (else the newest version).
+    model_version: str | None = None
+    # [lower, upper) of the probability of default that is referred to an underwriter.
+    refer_band: tuple[float, float] | None = None
     log_level: str = "INFO"
     log_format: str = "text"
     shutdown_timeout: float = 25.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # (key id, secret) pairs that may call /admin/*.
+    admin_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # Worker processes (uvicorn reads the same variable): each has its own pools.
     web_concurrency: int = 1
     database_pool_size: int = 10
@@ -77,12 +86,15 @@ class Settings:
             database_url=_url(env, "DATABASE_URL", ("postgres", "postgresql")),
             sqlite_path=Path(env.get("SQLITE_PATH") or DEFAULT_SQLITE_PATH),
             redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix")),
-            model_path=Path(env.get("MODEL_PATH") or DEFAULT_MODEL_PATH),
+            model_dir=_model_dir(env),
+            model_version=_value(env, "MODEL_VERSION"),
+            refer_band=_refer_band(env),
             log_level=_log_level(env),
             log_format=_choice(env, "LOG_FORMAT", "text", LOG_FORMATS),
             # Whole seconds: the Procfile hands it to uvicorn, which takes an integer.
             shutdown_timeout=_int(env, "SHUTDOWN_TIMEOUT", 25, minimum=1, maximum=3600),
             api_keys=tuple(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
+            admin_keys=parse_keys(env, "ADMIN_API_KEYS"),
             web_concurrency=_int(env, "WEB_CONCURRENCY", 1, minimum=1, maximum=256),
             database_pool_size=_int(env, "DATABASE_POOL_SIZE", 10, minimum=1, maximum=1000),
             database_connect_timeout=_seconds(env, "DATABASE_CONNECT_TIMEOUT", 5.0, positive=True),
@@ -159,3 +171,56 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     if parts.scheme != "unix" and not parts.hostname and not parts.path.strip("/"):
         raise ConfigError(f"{name} names no host or database: {mask_url(raw)}.")
     return raw
+
+
+def _model_dir(env: Mapping[str, str]) -> Path:
+    if _value(env, "MODEL_PATH") is not None:
+        raise ConfigError(
+            "MODEL_PATH is no longer read: models live in a registry, MODEL_DIR (default artifacts/models), one "
+            "folder per version, and MODEL_VERSION names the first champion. Unset MODEL_PATH."
+        )
+    raw = _value(env, "MODEL_DIR")
+    return Path(raw) if raw is not None else DEFAULT_MODEL_DIR
+
+
+def _refer_band(env: Mapping[str, str]) -> tuple[float, float] | None:
+    raw = _value(env, "REFER_BAND")
+    if raw is None:
+        return None
+    parts = raw.split(",")
+    try:
+        lower, upper = (float(p) for p in parts) if len(parts) == 2 else (math.nan, math.nan)
+    except ValueError:
+        lower = upper = math.nan
+    if not 0.0 <= lower < upper <= 1.0:
+        raise ConfigError(
+            f"REFER_BAND must be two probabilities 'lower,upper' with 0 <= lower < upper <= 1, got {raw!r}."
+        )
+    return lower, upper
+
+
+_KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def derived_key_id(secret: str) -> str:
+    """The id of a key given without one: from a hash of the secret, never the secret itself."""
+    return "key-" + hashlib.sha256(secret.encode()).hexdigest()[:10]
+
+
+def parse_keys(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...]:
+    """Comma-separated `id:secret` (or plain `secret`) entries as (id, secret) pairs; ConfigError names the variable."""
+    keys: list[tuple[str, str]] = []
+    for position, entry in enumerate((e.strip() for e in env.get(name, "").split(",")), start=1):
+        if not entry:
+            continue
+        key_id, sep, secret = entry.partition(":")
+        if not sep:
+            key_id, secret = derived_key_id(entry), entry
+        if not _KEY_ID.match(key_id) or not secret:
+            raise ConfigError(
+                f"{name} entry {position} must be 'id:secret' (id: 1 to 64 of A-Z a-z 0-9 . _ -) or a plain secret."
+            )
+        if any(key_id == seen for seen, _ in keys):
+            raise ConfigError(f"{name} uses the key id {key_id!r} twice; every key needs its own id.")
+        keys.append((key_id, secret))
+    return tuple(keys)

@@ -1,8 +1,13 @@
-"""Train the credit model and write its artifact and metadata (`make train`).
+"""Train a model version into the registry: `python -m service.training --registry DIR`.
 
-Deterministic: a fixed seed, a stratified split and lbfgs give the same weights,
-the same artifact bytes and the same held-out metrics on every run with the
-pinned libraries.
+    python -m service.training --registry artifacts/models [--version V] [--kind logistic|boosting]
+
+Writes `DIR/<version>/` (model.joblib, metadata.json, checks.json and, for a
+logistic model, scorecard.json) and prints the version. A version folder is
+written under a hidden temporary name and renamed into place when complete, so
+the registry never shows half a version, and an existing version is never
+overwritten. Deterministic: a fixed seed, a stratified split and the pinned
+libraries give the same pipeline bytes and held-out metrics on every run.
 """
 
 from __future__ import annotations
@@ -12,25 +17,40 @@ import datetime as dt
 import hashlib
 import io
 import json
+import os
 import platform
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import joblib
 import msgspec
 import numpy as np
 import sklearn
-from sklearn.compose import ColumnTransformer
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 from sklearn.model_selection import train_test_split
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from service import dataset, model
+from service import dataset
+from service.models import pipeline as pipelines
+from service.models.metadata import (
+    ARTIFACT_NAME,
+    CHECKS_NAME,
+    KINDS,
+    METADATA_NAME,
+    SCORECARD_NAME,
+    FeatureInfo,
+    Metadata,
+    Metrics,
+    ModelError,
+    RiskBand,
+    SelfCheck,
+    TrainingInfo,
+)
+from service.models.registry import MAX_PROBABILITY_DIFFERENCE, VERSION_PATTERN, ChecksFile
 from service.schemas import APPLICANT_FIELDS, RISK_CATEGORIES, Applicant, allowed_values
 
-NAME = "german-credit-lr"
+NAMES = {"logistic": "german-credit-lr", "boosting": "german-credit-gb"}
 SEED = 42
 HELD_OUT_FRACTION = 0.3
 # The data set's cost matrix: approving a bad applicant costs 5, declining a good
@@ -39,29 +59,12 @@ CUTOFF = 1 / 6
 # Upper bounds of the risk bands; "low" ends at the cut-off, so very_low and low
 # are exactly the approvals.
 RISK_BOUNDS = (0.05, CUTOFF, 0.35, 0.60, 1.0)
-DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "artifacts" / "classifier.joblib"
+# Every tenth row of the data set becomes a reference applicant for the load-time self-check.
+CHECK_STRIDE = 10
+DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "artifacts" / "models"
 
 
-def build_pipeline() -> Pipeline:
-    categorical = [APPLICANT_FIELDS.index(f) for f in model.CATEGORICAL_FIELDS]
-    numeric = [APPLICANT_FIELDS.index(f) for f in model.NUMERIC_FIELDS]
-    features = ColumnTransformer(
-        [
-            (
-                "categorical",
-                # Categories come from the API schema, not from the data, so a value
-                # the training rows never show still has a (zero) weight.
-                OneHotEncoder(categories=[list(allowed_values(f) or ()) for f in model.CATEGORICAL_FIELDS]),
-                categorical,
-            ),
-            ("numeric", StandardScaler(), numeric),
-        ],
-        sparse_threshold=0.0,
-    )
-    return Pipeline([("features", features), ("regression", LogisticRegression(C=1.0, max_iter=5000))])
-
-
-def feature_info(train: list[Applicant]) -> list[model.FeatureInfo]:
+def feature_info(train: list[Applicant]) -> list[FeatureInfo]:
     bounds = {f.name: f.type for f in msgspec.inspect.type_info(Applicant).fields}  # type: ignore[attr-defined]
     infos = []
     for name in APPLICANT_FIELDS:
@@ -69,7 +72,7 @@ def feature_info(train: list[Applicant]) -> list[model.FeatureInfo]:
         values = allowed_values(name)
         if values is not None:
             infos.append(
-                model.FeatureInfo(
+                FeatureInfo(
                     name=name,
                     kind="categorical",
                     values=list(values),
@@ -79,7 +82,7 @@ def feature_info(train: list[Applicant]) -> list[model.FeatureInfo]:
         else:
             kind = bounds[name]
             infos.append(
-                model.FeatureInfo(
+                FeatureInfo(
                     name=name,
                     kind="numeric",
                     minimum=kind.ge if kind.ge is not None else kind.gt,
@@ -90,10 +93,10 @@ def feature_info(train: list[Applicant]) -> list[model.FeatureInfo]:
     return infos
 
 
-def held_out_metrics(labels: np.ndarray, probabilities: np.ndarray) -> model.Metrics:
+def held_out_metrics(labels: np.ndarray, probabilities: np.ndarray) -> Metrics:
     auc = float(roc_auc_score(labels, probabilities))
     fpr, tpr, _ = roc_curve(labels, probabilities)
-    return model.Metrics(
+    return Metrics(
         roc_auc=auc,
         gini=2 * auc - 1,
         ks=float(np.max(tpr - fpr)),
@@ -101,25 +104,62 @@ def held_out_metrics(labels: np.ndarray, probabilities: np.ndarray) -> model.Met
     )
 
 
-def train(output: Path = DEFAULT_OUTPUT, data_dir: Path = dataset.DATA_DIR) -> model.Metadata:
+def default_version(kind: str, now: dt.datetime) -> str:
+    return f"{NAMES[kind]}-{now:%Y%m%dT%H%M%SZ}"
+
+
+def _encode(value: object) -> bytes:
+    return msgspec.json.format(msgspec.json.encode(value), indent=2) + b"\n"
+
+
+def train(
+    registry: Path = DEFAULT_REGISTRY,
+    version: str | None = None,
+    kind: str = "logistic",
+    data_dir: Path = dataset.DATA_DIR,
+) -> Metadata:
+    """Fit, check and write a new version folder; ModelError if the version exists or the fold drifts."""
+    if kind not in KINDS:
+        raise ModelError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}.")
+    now = dt.datetime.now(dt.UTC)
+    version = version or default_version(kind, now)
+    if not VERSION_PATTERN.match(version):
+        raise ModelError(f"Version {version!r} must be 1 to 100 of A-Z a-z 0-9 . _ - and start with a letter or digit.")
+    if (registry / version).exists():
+        raise ModelError(f"Version {version} already exists in {registry}; a version is never overwritten.")
+
     data = dataset.load(data_dir)
     indices = np.arange(len(data.applicants))
     labels = np.array(data.labels)
     train_idx, test_idx = train_test_split(indices, test_size=HELD_OUT_FRACTION, stratify=labels, random_state=SEED)
     train_rows = [data.applicants[i] for i in train_idx]
-    test_rows = [data.applicants[i] for i in test_idx]
-    pipeline = build_pipeline()
-    pipeline.fit(model.to_matrix(train_rows), labels[train_idx])
-    metrics = held_out_metrics(labels[test_idx], pipeline.predict_proba(model.to_matrix(test_rows))[:, 1])
+    pipeline = pipelines.build(kind, SEED)
+    pipeline.fit(pipelines.to_matrix(train_rows), labels[train_idx])
+    held_out = pipeline.predict_proba(pipelines.to_matrix([data.applicants[i] for i in test_idx]))[:, 1]
+    features = feature_info(train_rows)
 
     buffer = io.BytesIO()
     joblib.dump(pipeline, buffer)
-    blob = buffer.getvalue()
+    files: dict[str, bytes] = {}
+    references = data.applicants[::CHECK_STRIDE]
+    files[CHECKS_NAME] = _encode(
+        ChecksFile(references, pipelines.probabilities(pipeline, pipelines.to_matrix(references)))
+    )
+    self_check = None
+    if kind == "logistic":
+        scorer = pipelines.fold(pipeline, features)
+        expected = pipelines.probabilities(pipeline, pipelines.to_matrix(data.applicants))
+        worst = max(abs(scorer.probability(a) - p) for a, p in zip(data.applicants, expected, strict=True))
+        if not worst <= MAX_PROBABILITY_DIFFERENCE:
+            raise ModelError(f"The folded scorecard differs from predict_proba by {worst:.3g}; not writing it.")
+        self_check = SelfCheck(rows=len(data.applicants), max_difference=worst)
+        files[SCORECARD_NAME] = _encode(scorer.to_file())
+
     field_map = json.loads((data_dir / dataset.FIELDS_NAME).read_text())
-    now = dt.datetime.now(dt.UTC)
-    metadata = model.Metadata(
-        name=NAME,
-        version=f"{NAME}-{now:%Y.%m.%d}",
+    metadata = Metadata(
+        name=NAMES[kind],
+        version=version,
+        kind=kind,  # type: ignore[arg-type]
         trained_at=now,
         libraries={
             "python": platform.python_version(),
@@ -127,15 +167,14 @@ def train(output: Path = DEFAULT_OUTPUT, data_dir: Path = dataset.DATA_DIR) -> m
             "numpy": np.__version__,
             "joblib": joblib.__version__,
         },
-        artifact=output.name,
-        sha256=hashlib.sha256(blob).hexdigest(),
-        features=feature_info(train_rows),
+        artifact=ARTIFACT_NAME,
+        sha256=hashlib.sha256(buffer.getvalue()).hexdigest(),
+        files={name: hashlib.sha256(blob).hexdigest() for name, blob in sorted(files.items())},
+        features=features,
         cutoff=CUTOFF,
-        risk_bands=[
-            model.RiskBand(category=c, upper_bound=b) for c, b in zip(RISK_CATEGORIES, RISK_BOUNDS, strict=True)
-        ],
-        metrics=metrics,
-        training=model.TrainingInfo(
+        risk_bands=[RiskBand(category=c, upper_bound=b) for c, b in zip(RISK_CATEGORIES, RISK_BOUNDS, strict=True)],
+        metrics=held_out_metrics(labels[test_idx], held_out),
+        training=TrainingInfo(
             data=f"{data_dir.name}/{dataset.CSV_NAME}",
             rows=len(indices),
             train_rows=len(train_idx),
@@ -145,29 +184,49 @@ def train(output: Path = DEFAULT_OUTPUT, data_dir: Path = dataset.DATA_DIR) -> m
             excluded_columns=field_map["excluded_columns"],
             positive_class="bad",
         ),
+        self_check=self_check,
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # Write both files beside their final names, then rename: a crash mid-write
-    # never leaves an artifact whose hash disagrees with its metadata.
-    tmp_model = output.with_suffix(".tmp")
-    tmp_meta = model.metadata_path(output).with_suffix(".tmp")
-    tmp_model.write_bytes(blob)
-    tmp_meta.write_bytes(msgspec.json.format(msgspec.json.encode(metadata), indent=2) + b"\n")
-    tmp_model.replace(output)
-    tmp_meta.replace(model.metadata_path(output))
+    files[ARTIFACT_NAME] = buffer.getvalue()
+    files[METADATA_NAME] = _encode(metadata)
+    _write_folder(registry, version, files)
     return metadata
 
 
+def _write_folder(registry: Path, version: str, files: dict[str, bytes]) -> None:
+    """Write the files into a hidden folder, then rename it into place: all of a version or none of it."""
+    registry.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=registry))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; a version is read by the service's own user
+        for name, blob in files.items():
+            (staging / name).write_bytes(blob)
+            with (staging / name).open("rb") as handle:
+                os.fsync(handle.fileno())
+        # rename() onto an existing non-empty folder fails: two trainings cannot share a name.
+        staging.rename(registry / version)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ModelError(f"Could not write version {version} into {registry}: {exc}.") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the artifact")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY, help="the MODEL_DIR to write into")
+    parser.add_argument("--version", help="the version name (default: <name>-<UTC timestamp>)")
+    parser.add_argument("--kind", choices=KINDS, default="logistic", help="logistic (default) or boosting")
     args = parser.parse_args(argv)
-    metadata = train(args.output)
+    try:
+        metadata = train(args.registry, args.version, args.kind)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     m = metadata.metrics
     print(
-        f"wrote {args.output} (sha256 {metadata.sha256[:12]}…), version {metadata.version}: "
-        f"held-out ROC AUC {m.roc_auc:.4f}, Gini {m.gini:.4f}, KS {m.ks:.4f}, Brier {m.brier:.4f}"
+        f"wrote {args.registry / metadata.version} ({metadata.kind}, model.joblib sha256 {metadata.sha256[:12]}…): "
+        f"held-out ROC AUC {m.roc_auc:.4f}, Gini {m.gini:.4f}, KS {m.ks:.4f}, Brier {m.brier:.4f}",
+        file=sys.stderr,
     )
+    print(metadata.version)
     return 0
 
 

@@ -7,10 +7,13 @@ REQUIRE_SERVICES=1) it fails them, so a green CI run always means they ran.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -24,7 +27,8 @@ from starlette.testclient import TestClient
 
 from service import dataset
 from service.app import create_app
-from service.settings import Settings
+from service.models.registry import Registry, ScorecardModel, load_scorecard
+from service.settings import DEFAULT_MODEL_DIR, Settings
 from tests.procfile import service_environment
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -54,6 +58,18 @@ def postgres_url() -> Iterator[str]:
         _unavailable("PostgreSQL", exc)
         raise
     with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        try:
+            yield database_url(dbname)
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+
+
+@pytest.fixture
+def own_postgres_url(postgres_url: str) -> Iterator[str]:
+    """A database of this test's own, for tests that change the model assignment (every app on a database shares it)."""
+    dbname = f"credit_test_{RUN_ID}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
         try:
             yield database_url(dbname)
@@ -167,3 +183,47 @@ def redis_clients(name: str) -> int:
 def service_env(postgres_url: str, redis_url: str) -> dict[str, str]:
     """The environment for a service process started from the Procfile, on this run's database and prefix."""
     return service_environment(postgres_url, redis_url, REDIS_KEY_PREFIX=redis_prefix(), SHUTDOWN_TIMEOUT="10")
+
+
+# -- models ----------------------------------------------------------------------------------
+
+# The version shipped in artifacts/models.
+SHIPPED_VERSION = "german-credit-lr-2026.11.28"
+
+
+def shipped_model() -> ScorecardModel:
+    return load_scorecard(Registry(DEFAULT_MODEL_DIR).get(SHIPPED_VERSION), None)
+
+
+@dataclass(frozen=True)
+class Versions:
+    """A registry of the run's own: the shipped version, a second logistic one, a boosting one."""
+
+    root: Path
+    shipped: str
+    logistic: str
+    boosting: str
+
+
+@pytest.fixture(scope="session")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> Versions:
+    from service import training
+
+    root = tmp_path_factory.mktemp("registry")
+    shutil.copytree(DEFAULT_MODEL_DIR / SHIPPED_VERSION, root / SHIPPED_VERSION)
+    boosting = training.train(root, "test-gb-1", "boosting").version
+    logistic = training.train(root, "test-lr-2", "logistic").version
+    return Versions(root, SHIPPED_VERSION, logistic, boosting)
+
+
+def corrupt_copy(versions: Versions, source: str, name: str, file: str = "scorecard.json") -> str:
+    """A copy of a version under a new name (its metadata renamed to match) with one file damaged."""
+    folder = versions.root / name
+    if not folder.exists():
+        shutil.copytree(versions.root / source, folder)
+        meta = json.loads((folder / "metadata.json").read_text())
+        meta["version"] = name
+        (folder / "metadata.json").write_text(json.dumps(meta))
+        with (folder / file).open("ab") as handle:
+            handle.write(b" ")
+    return name

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from starlette.testclient import TestClient
 
-from service.model import scorecard_points
+from service.models.policy import scorecard_points
 from service.schemas import Applicant
 from service.settings import Settings
 from tests.conftest import count_rows
@@ -44,7 +44,7 @@ def test_create_decision_commits_and_returns_201(client: TestClient, settings: S
 
 def test_create_decision_follows_the_model_and_the_scorecard(client: TestClient, applicant: dict) -> None:
     body = client.post("/decisions", json=applicant).json()
-    model = client.app.state.model  # type: ignore[attr-defined]
+    model = client.app.state.models.current.champion  # type: ignore[attr-defined]
     p = body["probability_of_default"]
     assert 0 < p < 1
     assert body["decision"] == ("decline" if p >= model.metadata.cutoff else "approve")
@@ -202,7 +202,7 @@ def test_batch_scores_in_order_and_commits_all(client: TestClient, settings: Set
     assert response.status_code == 201, response.text
     decisions = response.json()["decisions"]
     assert len(decisions) == 25
-    scorer = client.app.state.model.scorer  # type: ignore[attr-defined]
+    scorer = client.app.state.models.current.champion.scorer  # type: ignore[attr-defined]
     for body, decision in zip(chosen, decisions, strict=True):
         assert decision["probability_of_default"] == scorer.probability(msgspec.convert(body, Applicant))
     ids = tuple(d["id"] for d in decisions)

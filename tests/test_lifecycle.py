@@ -36,24 +36,43 @@ def test_startup_and_shutdown_run_steps_in_order_and_log_each(
     with TestClient(create_app(settings)):
         pass
     lines = lifecycle_lines(caplog)
-    steps = ["settings", "store", "migrations", "cache", "budget", "metrics", "model", "signals"]
+    steps = [
+        "settings",
+        "store",
+        "migrations",
+        "cache",
+        "budget",
+        "metrics",
+        "models",
+        "challenger",
+        "watcher",
+        "signals",
+    ]
     assert lines[0] == STARTING
     started = [re.match(r"Startup step '(\w+)': .* in [\d.]+ ms$", line) for line in lines[1 : 1 + len(steps)]]
     assert [m.group(1) for m in started if m] == steps
     rest = lines[1 + len(steps) :]
     assert rest[0] == STARTED
     assert rest[1] == CLOSING
-    stopped = [re.match(r"Shutdown step '(\w+)': (.*) in [\d.]+ ms$", line) for line in rest[2:6]]
-    assert [m.group(1) for m in stopped if m] == ["signals", "metrics", "cache", "store"]
-    assert all(m.group(2).startswith("closed") for m in stopped[2:] if m)
-    assert rest[6:] == [CLOSED]
+    stopped = [re.match(r"Shutdown step '(\w+)': (.*) in [\d.]+ ms$", line) for line in rest[2:9]]
+    assert [m.group(1) for m in stopped if m] == [
+        "signals",
+        "watcher",
+        "challenger",
+        "models",
+        "metrics",
+        "cache",
+        "store",
+    ]
+    assert all(m.group(2).startswith("closed") for m in stopped[5:] if m)
+    assert rest[9:] == [CLOSED]
 
 
 def test_startup_puts_model_store_cache_on_app_state(settings: Settings) -> None:
     with TestClient(create_app(settings)) as client:
         state = client.app.state  # type: ignore[attr-defined]
         assert state.settings is settings
-        for name in ("model", "store", "cache"):
+        for name in ("models", "store", "cache", "challenger_queue"):
             assert getattr(state, name) is not None
 
 
@@ -69,7 +88,7 @@ def test_shutdown_closes_postgres_pool_and_redis_client(postgres_url: str, redis
 def test_missing_model_fails_startup_and_closes_pool_and_redis(
     postgres_url: str, redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = served_settings(postgres_url, redis_url, model_path=tmp_path / "missing.joblib")
+    settings = served_settings(postgres_url, redis_url, model_dir=tmp_path / "missing")
     seen: dict[str, int] = {}
 
     async def count_open_connections(state: State) -> str:
@@ -79,9 +98,9 @@ def test_missing_model_fails_startup_and_closes_pool_and_redis(
         return "counted"
 
     steps = default_steps(settings)
-    steps.insert([s.name for s in steps].index("model"), Step("probe", count_open_connections))
+    steps.insert([s.name for s in steps].index("models"), Step("probe", count_open_connections))
     with (
-        pytest.raises(StartupError, match=r"step 'model'.*does not exist; run `make train`"),
+        pytest.raises(StartupError, match=r"step 'models'.*does not exist; set MODEL_DIR or run `make train`"),
         TestClient(create_app(steps=steps)),
     ):
         pass
@@ -89,7 +108,7 @@ def test_missing_model_fails_startup_and_closes_pool_and_redis(
     assert wait_until(lambda: postgres_connections(postgres_url, APP_NAME) == 0)
     assert wait_until(lambda: redis_clients(APP_NAME) == 0)
     lines = lifecycle_lines(caplog)
-    assert any(line.startswith("Startup step 'model' failed") for line in lines)
+    assert any(line.startswith("Startup step 'models' failed") for line in lines)
     assert [line.split("'")[1] for line in lines if line.startswith("Shutdown step")] == ["metrics", "cache", "store"]
     assert STARTED not in lines
 
@@ -183,7 +202,9 @@ def test_connection_budget_is_logged(settings: Settings, caplog: pytest.LogCaptu
         pass
     line = next(line for line in lifecycle_lines(caplog) if line.startswith("Startup step 'budget'"))
     if settings.database_url:
-        assert f"PostgreSQL 3 x {settings.database_pool_size} = {3 * settings.database_pool_size} of " in line
+        # Each worker's pool, and its session that LISTENs for model assignment changes.
+        size = settings.database_pool_size
+        assert f"PostgreSQL 3 x ({size} + 1 listening) = {3 * (size + 1)} of " in line
         assert "Redis 3 x 10 = 30 of " in line
     else:
         assert "no network connections" in line
@@ -194,7 +215,7 @@ def test_connection_budget_over_max_connections_refuses_to_start(
 ) -> None:
     settings = served_settings(postgres_url, redis_url, web_concurrency=200, database_pool_size=50)
     with (
-        pytest.raises(StartupError, match=r"WEB_CONCURRENCY=200 workers x DATABASE_POOL_SIZE=50 = 10000"),
+        pytest.raises(StartupError, match=r"WEB_CONCURRENCY=200 workers x \(DATABASE_POOL_SIZE=50 \+ 1\) = 10200"),
         TestClient(create_app(settings)),
     ):
         pass

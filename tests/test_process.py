@@ -127,7 +127,7 @@ def test_bad_configuration_exits_nonzero_with_one_clear_line(service_env: dict[s
 
 
 def test_kubernetes_command_makes_uvicorn_pid_of_the_container(service_env: dict[str, str], tmp_path: Path) -> None:
-    """The manifest's command must exec uvicorn itself, or SIGTERM would stop at a shell."""
+    """The manifest's command must exec uvicorn itself (`python -m service.web`), or SIGTERM would stop at a shell."""
     import yaml
 
     manifest = next(
@@ -143,7 +143,7 @@ def test_kubernetes_command_makes_uvicorn_pid_of_the_container(service_env: dict
         )
     try:
         assert wait_until(lambda: _ready(port), timeout=30)
-        assert b"uvicorn" in Path(f"/proc/{process.pid}/cmdline").read_bytes()
+        assert b"service.web\x00service.app:app" in Path(f"/proc/{process.pid}/cmdline").read_bytes()
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) in (0, -signal.SIGTERM)
         assert "Successfully closed API." in (tmp_path / "k8s.log").read_text()

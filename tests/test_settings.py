@@ -23,7 +23,10 @@ def test_settings_reads_every_variable() -> None:
             "PORT": "9000",
             "DATABASE_URL": "postgres://u:p@db.example:5432/credit",
             "REDIS_URL": "redis://cache:6379/2",
-            "MODEL_PATH": "/models/m.joblib",
+            "MODEL_DIR": "/models",
+            "MODEL_VERSION": "german-credit-lr-1",
+            "REFER_BAND": "0.1,0.25",
+            "ADMIN_API_KEYS": "ops:s3cret, plain-secret",
             "LOG_LEVEL": "debug",
             "LOG_FORMAT": "JSON",
             "SHUTDOWN_TIMEOUT": "10",
@@ -33,7 +36,11 @@ def test_settings_reads_every_variable() -> None:
     assert settings.port == 9000
     assert settings.database_url == "postgres://u:p@db.example:5432/credit"
     assert settings.redis_url == "redis://cache:6379/2"
-    assert str(settings.model_path) == "/models/m.joblib"
+    assert str(settings.model_dir) == "/models" and settings.model_version == "german-credit-lr-1"
+    assert settings.refer_band == (0.1, 0.25)
+    assert settings.admin_keys[0] == ("ops", "s3cret")
+    # A plain secret gets an id derived from it, never the secret itself.
+    assert settings.admin_keys[1][1] == "plain-secret" and "plain" not in settings.admin_keys[1][0]
     assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
     assert settings.shutdown_timeout == 10
     assert settings.api_keys == ("a", "b")
@@ -55,6 +62,14 @@ def test_settings_reads_every_variable() -> None:
         ("SHUTDOWN_TIMEOUT", "2.5"),
         ("SHUTDOWN_TIMEOUT", "0"),
         ("DATABASE_POOL_SIZE", "0"),
+        ("MODEL_PATH", "artifacts/classifier.joblib"),
+        ("REFER_BAND", "0.3"),
+        ("REFER_BAND", "0.3,0.2"),
+        ("REFER_BAND", "0.1,1.5"),
+        ("REFER_BAND", "low,high"),
+        ("ADMIN_API_KEYS", "ops:"),
+        ("ADMIN_API_KEYS", "bad id:secret"),
+        ("ADMIN_API_KEYS", "ops:a,ops:b"),
     ],
 )
 def test_settings_bad_value_names_the_variable(name: str, value: str) -> None:

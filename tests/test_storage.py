@@ -14,10 +14,10 @@ import pytest
 from service import dataset, storage
 from service.cache import Cache, MemoryCache, RedisCache
 from service.errors import StoreUnavailable
-from service.model import CreditModel
+from service.models.registry import ScorecardModel
 from service.schemas import Decision, encoder
 from service.storage import PostgresStore, Record, SQLiteStore, Store, schema
-from tests.conftest import redis_prefix
+from tests.conftest import redis_prefix, shipped_model
 
 pytestmark = pytest.mark.anyio
 
@@ -67,14 +67,11 @@ async def cache(request: pytest.FixtureRequest) -> AsyncIterator[Cache]:
 
 
 @pytest.fixture(scope="module")
-def credit_model() -> CreditModel:
-    from service import model
-    from service.settings import DEFAULT_MODEL_PATH
-
-    return model.load(DEFAULT_MODEL_PATH)
+def credit_model() -> ScorecardModel:
+    return shipped_model()
 
 
-def make_record(credit_model: CreditModel, index: int = 1, key: str | None = None) -> Record:
+def make_record(credit_model: ScorecardModel, index: int = 1, key: str | None = None) -> Record:
     applicant = dataset.load().applicants[index]
     decision = credit_model.decide(applicant, uuid.uuid4(), dt.datetime.now(dt.UTC))
     return Record(decision, applicant, key, "hash-" + str(index) if key else None)
@@ -83,7 +80,7 @@ def make_record(credit_model: CreditModel, index: int = 1, key: str | None = Non
 # -- store ---------------------------------------------------------------------------------
 
 
-async def test_store_round_trips_a_decision_exactly(store: Store, credit_model: CreditModel) -> None:
+async def test_store_round_trips_a_decision_exactly(store: Store, credit_model: ScorecardModel) -> None:
     record = make_record(credit_model)
     assert await store.insert(record) is None
     loaded = await store.get(record.decision.id)
@@ -92,7 +89,7 @@ async def test_store_round_trips_a_decision_exactly(store: Store, credit_model: 
     assert encoder.encode(loaded) == encoder.encode(record.decision)
 
 
-async def test_concurrent_reads_each_get_their_own_decision(store: Store, credit_model: CreditModel) -> None:
+async def test_concurrent_reads_each_get_their_own_decision(store: Store, credit_model: ScorecardModel) -> None:
     """PostgreSQL answers reads that arrive together with one query; each still gets its own row, or None."""
     records = [make_record(credit_model, index) for index in range(30)]
     await asyncio.gather(*(store.insert(r) for r in records))
@@ -106,7 +103,7 @@ async def test_store_get_unknown_is_none(store: Store) -> None:
     assert await store.get(uuid.uuid4()) is None
 
 
-async def test_store_returns_existing_record_for_repeated_key(store: Store, credit_model: CreditModel) -> None:
+async def test_store_returns_existing_record_for_repeated_key(store: Store, credit_model: ScorecardModel) -> None:
     key = f"k-{uuid.uuid4()}"
     first = make_record(credit_model, 1, key)
     second = make_record(credit_model, 2, key)
@@ -118,14 +115,14 @@ async def test_store_returns_existing_record_for_repeated_key(store: Store, cred
     assert await store.get(second.decision.id) is None
 
 
-async def test_store_insert_many_commits_all(store: Store, credit_model: CreditModel) -> None:
+async def test_store_insert_many_commits_all(store: Store, credit_model: ScorecardModel) -> None:
     records = [make_record(credit_model, i) for i in range(50)]
     await store.insert_many(records)
     for record in records:
         assert await store.get(record.decision.id) == record.decision
 
 
-async def test_store_insert_many_is_all_or_nothing(store: Store, credit_model: CreditModel) -> None:
+async def test_store_insert_many_is_all_or_nothing(store: Store, credit_model: ScorecardModel) -> None:
     committed = make_record(credit_model, 0)
     await store.insert_many([committed])
     batch = [make_record(credit_model, i) for i in range(1, 6)]
@@ -231,7 +228,7 @@ async def test_redis_cache_down_is_skipped_then_probed(caplog: pytest.LogCapture
         await cache.close()
 
 
-async def test_decision_json_round_trips_through_msgspec(credit_model: CreditModel) -> None:
+async def test_decision_json_round_trips_through_msgspec(credit_model: ScorecardModel) -> None:
     record = make_record(credit_model)
     assert msgspec.json.decode(encoder.encode(record.decision), type=Decision) == record.decision
 

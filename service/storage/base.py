@@ -9,16 +9,29 @@ connection or imports a back end: postgres.py and sqlite.py build on this module
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import operator
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from psycopg.types.json import Jsonb
 
-from service.schemas import APPLICANT_FIELDS, Applicant, Decision, encoder, reasons_decoder
+from service.schemas import (
+    APPLICANT_FIELDS,
+    Applicant,
+    Assignment,
+    AssignmentChange,
+    ChallengerDecision,
+    Comparison,
+    Decision,
+    WorkerModels,
+    encoder,
+    reasons_decoder,
+)
+from service.storage.model_records import Change
 
 
 # Not frozen: a frozen dataclass's __init__ costs 3x more, once per decision stored.
@@ -70,6 +83,31 @@ class Store(Protocol):
 
     def observe_pool(self) -> None:
         """Publish the pool's size and use to the metrics."""
+
+    # -- the model lifecycle (model_records.py) --
+
+    async def read_assignment(self) -> Assignment | None: ...
+
+    async def change_assignment(self, change: Change, changed_by: str) -> Assignment:
+        """Apply `change` to the current assignment under a lock and record it; tell every worker."""
+
+    async def assignment_history(self, limit: int) -> list[AssignmentChange]: ...
+
+    def assignment_revisions(self, tick: float, stop: asyncio.Event) -> AsyncGenerator[int, None]:
+        """The newest revision now, and again whenever it may have changed (at least every `tick` seconds).
+
+        Ends once `stop` is set, between calls to the server (never cutting one short).
+        """
+
+    async def report_worker(self, report: WorkerModels) -> None: ...
+
+    async def forget_worker(self, worker: str) -> None: ...
+
+    async def workers(self, seen_since: dt.datetime) -> list[WorkerModels]: ...
+
+    async def record_challenger(self, rows: Sequence[ChallengerDecision]) -> None: ...
+
+    async def compare(self, champion: str, challenger: str, since: dt.datetime, until: dt.datetime) -> Comparison: ...
 
 
 # The batch that holds a key, in order; a key held by a single decision has no batch.

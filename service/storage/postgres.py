@@ -34,6 +34,7 @@ from service.storage.base import (
     _existing_batch,
     _row,
 )
+from service.storage.postgres_models import PostgresModelRecords
 from service.storage.schema import _COLUMNS, _NAMES, _PG_TYPES, _SPECIAL, MIGRATION_LOCK_ID, _checksum, _to_apply
 from service.tasks import abandon
 
@@ -113,9 +114,18 @@ async def _insert_group(conn: psycopg.AsyncConnection[Any], *, records: Sequence
     return outcomes
 
 
-class PostgresStore:
-    def __init__(self, pool: psycopg_pool.AsyncConnectionPool, url: str, request_timeout: float) -> None:
+class PostgresStore(PostgresModelRecords):
+    def __init__(
+        self,
+        pool: psycopg_pool.AsyncConnectionPool,
+        url: str,
+        request_timeout: float,
+        connection_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self._pool = pool
+        self._url = url
+        # The session that LISTENs for assignment changes is opened like a pooled one.
+        self._listen_kwargs = dict(connection_kwargs or {"autocommit": True})
         self._request_timeout = request_timeout
         self._inserts = Coalescer(
             self._insert_group, max_items=MAX_GROUP, max_in_flight=MAX_COMMITTERS, error=_own_exception
@@ -134,6 +144,18 @@ class PostgresStore:
         application_name: str,
     ) -> PostgresStore:
         """Open the pool and wait, bounded, for its first connection; close it again on failure."""
+        kwargs = {
+            # One INSERT is one transaction: autocommit saves a BEGIN/COMMIT round trip.
+            "autocommit": True,
+            "application_name": application_name,
+            "connect_timeout": max(1, round(connect_timeout)),
+            # Notice a peer that vanished without closing (a failover, a cut
+            # network) within ~20 s even on an idle pooled connection.
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 2,
+        }
         pool = psycopg_pool.AsyncConnectionPool(
             url,
             min_size=1,
@@ -143,18 +165,7 @@ class PostgresStore:
             # Verifies each connection before handing it out, so a connection broken
             # by a database restart is replaced instead of failing a request.
             check=psycopg_pool.AsyncConnectionPool.check_connection,
-            kwargs={
-                # One INSERT is one transaction: autocommit saves a BEGIN/COMMIT round trip.
-                "autocommit": True,
-                "application_name": application_name,
-                "connect_timeout": max(1, round(connect_timeout)),
-                # Notice a peer that vanished without closing (a failover, a cut
-                # network) within ~20 s even on an idle pooled connection.
-                "keepalives": 1,
-                "keepalives_idle": 10,
-                "keepalives_interval": 5,
-                "keepalives_count": 2,
-            },
+            kwargs=kwargs,
             name="decisions",
         )
         try:
@@ -166,7 +177,7 @@ class PostgresStore:
                     f"PostgreSQL at {mask_url(url)} did not accept a connection within {connect_timeout:g} s."
                 ) from None
             raise
-        return cls(pool, url, request_timeout)
+        return cls(pool, url, request_timeout, kwargs)
 
     async def _run(
         self, action: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], limit: float | None = None

@@ -93,6 +93,55 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
             for dialect in ("postgres", "sqlite")
         },
     ),
+    (
+        2,
+        "model assignments, challenger decisions, worker reports",
+        {
+            dialect: [
+                # Append-only: the newest revision is the assignment, the rest its history.
+                "CREATE TABLE IF NOT EXISTS model_assignments ("
+                f"revision {t['int8']} PRIMARY KEY, action {t['text']} NOT NULL, champion {t['text']} NOT NULL,"
+                f" challenger {t['text']}, challenger_share {t['float']},"
+                f" previous_champion {t['text']}, previous_challenger {t['text']}, previous_share {t['float']},"
+                f" changed_at {t['time']} NOT NULL, changed_by {t['text']} NOT NULL)",
+                # A challenger's verdict beside the champion's decision it second-guesses.
+                "CREATE TABLE IF NOT EXISTS challenger_decisions ("
+                f"decision_id {t['uuid']} NOT NULL REFERENCES decisions (id) ON DELETE CASCADE,"
+                f" model_version {t['text']} NOT NULL, probability_of_default {t['float']} NOT NULL,"
+                f" risk_category {t['text']} NOT NULL, score {t['int']} NOT NULL, decision {t['text']} NOT NULL,"
+                f" scored_at {t['time']} NOT NULL, PRIMARY KEY (decision_id, model_version))",
+                # What each worker process serves, as it last reported it (for GET /admin/models).
+                "CREATE TABLE IF NOT EXISTS model_workers ("
+                f"worker {t['text']} PRIMARY KEY, revision {t['int8']} NOT NULL, champion {t['text']} NOT NULL,"
+                f" challenger {t['text']}, loaded_at {t['time']} NOT NULL, seen_at {t['time']} NOT NULL,"
+                f" error {t['text']})",
+            ]
+            for dialect, t in (
+                (
+                    "postgres",
+                    {
+                        "int8": "bigint",
+                        "int": "integer",
+                        "text": "text",
+                        "float": "double precision",
+                        "time": "timestamptz",
+                        "uuid": "uuid",
+                    },
+                ),
+                (
+                    "sqlite",
+                    {
+                        "int8": "INTEGER",
+                        "int": "INTEGER",
+                        "text": "TEXT",
+                        "float": "REAL",
+                        "time": "TEXT",
+                        "uuid": "TEXT",
+                    },
+                ),
+            )
+        },
+    ),
 ]
 
 

@@ -32,6 +32,7 @@ from service.storage.base import (
     _row,
 )
 from service.storage.schema import _NAMES, _checksum, _to_apply
+from service.storage.sqlite_models import SQLiteModelRecords
 
 T = TypeVar("T")
 
@@ -41,7 +42,7 @@ _SQLITE_INSERT = (
 )
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteModelRecords):
     """The embedded default: one connection, used only from one dedicated thread.
 
     sqlite3 calls block, so they run on that thread and the event loop only awaits

@@ -245,7 +245,7 @@ def test_sigterm_to_parent_stops_every_worker(
     # Every worker ran its own shutdown steps.
     assert log.count("Closing API.") == 2 and log.count("Successfully closed API.") == 2
     assert log.count("Shutdown step 'store': closed") == 2
-    assert "connection budget: PostgreSQL 2 x 10 = 20" in log
+    assert "connection budget: PostgreSQL 2 x (10 + 1 listening) = 22" in log
     count_leftovers(row, servers)
     count_lost(row, load.result.committed, services, env, tmp_path)
     check(row, [log], servers)

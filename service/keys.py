@@ -1,0 +1,73 @@
+"""API keys: which key a request carries, compared in constant time, known by its id.
+
+A key is `id:secret`; the id names it in logs and records, the secret never
+leaves this module's comparisons. Each ring holds the keys of one role.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from service.errors import Forbidden, Unauthorized
+
+
+@dataclass(frozen=True)
+class Key:
+    id: str
+    secret: bytes
+
+    def __repr__(self) -> str:  # never the secret, whoever prints it
+        return f"Key(id={self.id!r})"
+
+
+class KeyRing:
+    def __init__(self, keys: tuple[tuple[str, str], ...]) -> None:
+        self.keys = tuple(Key(key_id, secret.encode()) for key_id, secret in keys)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def match(self, presented: bytes) -> Key | None:
+        # Compare against every key, without short-circuiting, in constant time per key.
+        found = None
+        for key in self.keys:
+            if hmac.compare_digest(presented, key.secret):
+                found = key
+        return found
+
+
+def bearer_token(request: Request) -> bytes | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip().encode()
+
+
+def authorize(request: Request) -> Key | None:
+    """The API key of a /decisions call (None when API_KEYS is unset: the API is open); 401 otherwise."""
+    ring: KeyRing = request.app.state.api_keys
+    if not ring:
+        return None
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("Send the API key as `Authorization: Bearer <key>`.")
+    key = ring.match(token)
+    if key is None:
+        raise Unauthorized("The API key is not valid.")
+    return key
+
+
+def authorize_admin(request: Request) -> Key:
+    """The admin key of an /admin call; 403 for anything else (no key, a wrong one, or none configured)."""
+    ring: KeyRing = request.app.state.admin_keys
+    if not ring:
+        raise Forbidden("The admin endpoints are off: no ADMIN_API_KEYS are configured.")
+    token = bearer_token(request)
+    key = ring.match(token) if token is not None else None
+    if key is None:
+        raise Forbidden("This endpoint needs an admin key (one of ADMIN_API_KEYS) as `Authorization: Bearer <key>`.")
+    return key

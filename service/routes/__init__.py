@@ -1,0 +1,29 @@
+"""The HTTP routes, one module per part of the API.
+
+decisions   POST /decisions, POST /decisions/batch, GET /decisions/{id}
+admin       /admin/*: the model registry, promotion, the challenger and its comparison
+health      GET /model, /metrics, /openapi.json, /health/live, /health/ready
+bodies      reading and decoding JSON bodies, answering JSON (shared by the above)
+"""
+
+from __future__ import annotations
+
+from starlette.routing import Route
+
+from service.routes import admin, decisions, health
+
+ROUTES = [
+    Route("/decisions", decisions.create_decision, methods=["POST"]),
+    Route("/decisions/batch", decisions.create_batch, methods=["POST"]),
+    Route("/decisions/{decision_id:uuid}", decisions.get_decision, methods=["GET"]),
+    Route("/admin/models", admin.list_models, methods=["GET"]),
+    Route("/admin/models/{version}/promote", admin.promote, methods=["POST"]),
+    Route("/admin/challenger", admin.set_challenger, methods=["PUT"]),
+    Route("/admin/challenger/comparison", admin.comparison, methods=["GET"]),
+    Route("/admin/assignments", admin.history, methods=["GET"]),
+    Route("/model", health.get_model, methods=["GET"]),
+    Route("/health/live", health.live, methods=["GET"]),
+    Route("/metrics", health.get_metrics, methods=["GET"]),
+    Route("/openapi.json", health.get_openapi, methods=["GET"]),
+    Route("/health/ready", health.ready, methods=["GET"]),
+]

@@ -1,0 +1,41 @@
+"""Query parameters: a time window (`since`, `until`) and a bounded `limit`, with 400s that name the parameter."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from starlette.requests import Request
+
+from service.errors import BadRequest
+
+DEFAULT_WINDOW = dt.timedelta(hours=24)
+
+
+def timestamp(request: Request, name: str) -> dt.datetime | None:
+    raw = request.query_params.get(name)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = dt.datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"{name} must be an ISO 8601 time such as 2026-11-29T10:15:00Z, got {raw!r}.") from None
+    # A time without an offset is read as UTC, the zone every stored time is in.
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def window(request: Request) -> tuple[dt.datetime, dt.datetime]:
+    """[since, until): by default the last 24 hours."""
+    until = timestamp(request, "until") or dt.datetime.now(dt.UTC)
+    since = timestamp(request, "since") or until - DEFAULT_WINDOW
+    if since >= until:
+        raise BadRequest(f"since ({since.isoformat()}) must be before until ({until.isoformat()}).")
+    return since, until
+
+
+def limit(request: Request, default: int, most: int) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise BadRequest(f"limit must be an integer from 1 to {most}, got {raw!r}.")
+    return int(raw)
