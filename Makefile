@@ -35,9 +35,9 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 	$(BIN)/kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
 
-## train: retrain the model into artifacts/ (commit the artifact and its metadata)
+## train: train a new model version into the registry (KIND=logistic|boosting, VERSION=name; commit it to ship it)
 train: $(BIN)/.installed
-	$(BIN)/python -m service.training
+	$(BIN)/python -m service.training --registry artifacts/models --kind $(or $(KIND),logistic) $(if $(VERSION),--version $(VERSION))
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -94,6 +94,8 @@ async def stop_challenger(state: State) -> str:
 async def start_watcher(state: State) -> str:
     state.worker = worker_id()
     state.watcher = AssignmentWatcher(state.store, state.models, state.worker)
+    # Visible to GET /admin/models from the first request on (best effort, as every report).
+    await state.watcher.report()
     # A fresh context: the watcher's lines belong to no request.
     state.watcher_task = asyncio.get_running_loop().create_task(state.watcher.run(), context=contextvars.Context())
     how = "PostgreSQL LISTEN/NOTIFY" if isinstance(state.store, storage.PostgresStore) else "polling SQLite"

@@ -274,7 +274,7 @@ class AssignmentWatcher:
                 if revision != self.manager.applied_revision and self._due(revision):
                     await self._follow()
                 if time.monotonic() - self._reported_at >= REPORT_SECONDS:
-                    await self._report()
+                    await self.report()
 
     async def stop(self, task: asyncio.Task[None], grace: float) -> None:
         """End between calls to the store (a call cut short would strand its connection); cancel only past `grace`."""
@@ -309,7 +309,7 @@ class AssignmentWatcher:
                 _describe(self.manager.current),
                 exc,
             )
-        await self._report()
+        await self.report()
 
     async def rescan(self) -> None:
         """SIGHUP: re-read the registry on disk and the stored assignment, and reload both models."""
@@ -318,7 +318,7 @@ class AssignmentWatcher:
         )
         await self._follow(force=True)
 
-    async def _report(self) -> None:
+    async def report(self) -> None:
         if self.manager.current is None:
             return
         self._reported_at = time.monotonic()

@@ -176,6 +176,8 @@ class ChallengerQueue:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), budget)
         self._task.cancel()
+        # Let the cancelled batch count itself as dropped before the queue's own count.
+        await asyncio.wait({self._task}, timeout=0.5)
         dropped = len(self._items)
         self._items.clear()
         if dropped:
