@@ -42,6 +42,7 @@ train: $(BIN)/.installed
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
 
-## bench: wrk against the service and a decode-only ceiling; writes bench/RESULTS.md
+## bench: wrk against the service and a decode-only ceiling, then a boosting challenger's cost; writes bench/RESULTS.md
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.challenger

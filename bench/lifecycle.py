@@ -1,8 +1,9 @@
-"""Time the service's lifecycle as a platform sees it: process start to ready, SIGTERM to exit.
+"""Time the service's lifecycle as a platform sees it: process start to ready, SIGTERM to exit, and its memory.
 
 Starts the Procfile's web: line N times (default 5) on the current environment
 (DATABASE_URL / REDIS_URL if set, else the embedded defaults), and prints the
-medians. Run: .venv/bin/python -m bench.lifecycle [--runs N]
+medians, with the resident memory of the serving process once ready.
+Run: .venv/bin/python -m bench.lifecycle [--runs N]
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ def ready(url: str) -> bool:
         return False
 
 
-def one_run() -> tuple[float, float, int]:
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def one_run() -> tuple[float, float, int, float]:
     port = free_port()
     env = {**os.environ, "PORT": str(port), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     started = time.monotonic()
@@ -59,10 +67,11 @@ def one_run() -> tuple[float, float, int]:
                 raise SystemExit("the service did not become ready")
             time.sleep(0.01)
         to_ready = time.monotonic() - started
+        rss = rss_mib(process.pid)
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
         code = process.wait(60)
-        return to_ready, time.monotonic() - sent, code
+        return to_ready, time.monotonic() - sent, code, rss
     finally:
         if process.poll() is None:
             process.kill()
@@ -80,6 +89,7 @@ def main() -> None:
     for label, values in (("start to ready", [r[0] for r in runs]), ("SIGTERM to exit (idle)", [r[1] for r in runs])):
         print(f"{label}: median {statistics.median(values):.3f} s (min {min(values):.3f}, max {max(values):.3f})")
     print(f"exit codes: {sorted({r[2] for r in runs})}")
+    print(f"RSS once ready (one worker): median {statistics.median(r[3] for r in runs):.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from service import storage
 from service.models.assignment import AssignmentWatcher, ModelManager, worker_id
 from service.models.challenger import ChallengerQueue
 from service.models.metadata import ModelError
-from service.models.registry import Registry
+from service.models.registry import Registry, UnknownVersion
 from service.settings import Settings
 
 logger = logging.getLogger("service.lifecycle")
@@ -59,7 +59,14 @@ async def load_models(state: State) -> str:
             assignment.changed_by,
         )
     # The champion now; the challenger (a process of its own for boosting) once the watcher runs.
-    models = await manager.apply(assignment, with_challenger=False)
+    try:
+        models = await manager.apply(assignment, with_challenger=False)
+    except UnknownVersion:
+        raise ModelError(
+            f"The system of record assigns champion {assignment.champion} (revision {assignment.revision}, by "
+            f"{assignment.changed_by}), but {registry.root} has no such version: deploy a MODEL_DIR that holds it, "
+            "or promote one this registry holds (POST /admin/models/{version}/promote on any running replica)."
+        ) from None
     state.models = manager
     pending = f"; challenger {assignment.challenger.version} loads next" if assignment.challenger else ""
     return (
