@@ -35,9 +35,10 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 	$(BIN)/kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
 
-## train: train a new model version into the registry (KIND=logistic|boosting, VERSION=name; commit it to ship it)
+## train: train a new version into the registry (KIND=logistic|boosting, SEED=n, VERSION=name; commit it to ship it)
 train: $(BIN)/.installed
-	$(BIN)/python -m service.training --registry artifacts/models --kind $(or $(KIND),logistic) $(if $(VERSION),--version $(VERSION))
+	$(BIN)/python -m service.training --registry artifacts/models --kind $(or $(KIND),logistic) \
+		$(if $(SEED),--seed $(SEED)) $(if $(VERSION),--version $(VERSION))
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

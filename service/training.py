@@ -1,13 +1,14 @@
 """Train a model version into the registry: `python -m service.training --registry DIR`.
 
-    python -m service.training --registry artifacts/models [--version V] [--kind logistic|boosting]
+    python -m service.training --registry artifacts/models [--version V] [--kind logistic|boosting] [--seed N]
 
 Writes `DIR/<version>/` (model.joblib, metadata.json, checks.json and, for a
 logistic model, scorecard.json) and prints the version. A version folder is
 written under a hidden temporary name and renamed into place when complete, so
 the registry never shows half a version, and an existing version is never
-overwritten. Deterministic: a fixed seed, a stratified split and the pinned
-libraries give the same pipeline bytes and held-out metrics on every run.
+overwritten. Deterministic: a seed (default 42), a stratified split and the
+pinned libraries give the same pipeline bytes and held-out metrics on every run;
+another seed draws another split, and so another model.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def train(
     version: str | None = None,
     kind: str = "logistic",
     data_dir: Path = dataset.DATA_DIR,
+    seed: int = SEED,
 ) -> Metadata:
     """Fit, check and write a new version folder; ModelError if the version exists or the fold drifts."""
     if kind not in KINDS:
@@ -131,9 +133,9 @@ def train(
     data = dataset.load(data_dir)
     indices = np.arange(len(data.applicants))
     labels = np.array(data.labels)
-    train_idx, test_idx = train_test_split(indices, test_size=HELD_OUT_FRACTION, stratify=labels, random_state=SEED)
+    train_idx, test_idx = train_test_split(indices, test_size=HELD_OUT_FRACTION, stratify=labels, random_state=seed)
     train_rows = [data.applicants[i] for i in train_idx]
-    pipeline = pipelines.build(kind, SEED)
+    pipeline = pipelines.build(kind, seed)
     pipeline.fit(pipelines.to_matrix(train_rows), labels[train_idx])
     held_out = pipeline.predict_proba(pipelines.to_matrix([data.applicants[i] for i in test_idx]))[:, 1]
     features = feature_info(train_rows)
@@ -180,7 +182,7 @@ def train(
             train_rows=len(train_idx),
             held_out_rows=len(test_idx),
             held_out_fraction=HELD_OUT_FRACTION,
-            seed=SEED,
+            seed=seed,
             excluded_columns=field_map["excluded_columns"],
             positive_class="bad",
         ),
@@ -214,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY, help="the MODEL_DIR to write into")
     parser.add_argument("--version", help="the version name (default: <name>-<UTC timestamp>)")
     parser.add_argument("--kind", choices=KINDS, default="logistic", help="logistic (default) or boosting")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"the train/held-out split's seed (default {SEED})")
     args = parser.parse_args(argv)
     try:
-        metadata = train(args.registry, args.version, args.kind)
+        metadata = train(args.registry, args.version, args.kind, seed=args.seed)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
