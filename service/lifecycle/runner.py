@@ -108,7 +108,7 @@ class Lifecycle:
             logger.info("Startup step %r: %s in %s", step.name, done, _elapsed(started))
             if step.stop is not None:
                 shutdown.append(step)
-        # Start-up leaves many long-lived objects (scikit-learn, numpy, the model):
+        # Start-up leaves many long-lived objects (modules, the model, the pools):
         # move them out of the collector's sight, so a full collection under load
         # scans only what requests create instead of stalling the loop.
         gc.collect()
