@@ -125,7 +125,7 @@ def train(
         raise ModelError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}.")
     now = dt.datetime.now(dt.UTC)
     version = version or default_version(kind, now)
-    if not VERSION_PATTERN.match(version):
+    if not VERSION_PATTERN.fullmatch(version):
         raise ModelError(f"Version {version!r} must be 1 to 100 of A-Z a-z 0-9 . _ - and start with a letter or digit.")
     if (registry / version).exists():
         raise ModelError(f"Version {version} already exists in {registry}; a version is never overwritten.")

@@ -28,6 +28,10 @@ class RescanningSupervisor(Multiprocess):
             # A worker still starting reads the registry afresh anyway, and may not handle SIGHUP yet.
             if process.pid is not None and process.is_ready(timeout=1):
                 os.kill(process.pid, signal.SIGHUP)
+            else:
+                logger.warning(
+                    "Worker [%s] is not ready; it did not get the SIGHUP (it reads the registry at start).", process.pid
+                )
 
 
 def main() -> None:

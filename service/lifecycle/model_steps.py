@@ -60,7 +60,7 @@ async def load_models(state: State) -> str:
         )
     # The champion now; the challenger (a process of its own for boosting) once the watcher runs.
     try:
-        models = await manager.apply(assignment, with_challenger=False)
+        models = await manager.start(assignment)
     except UnknownVersion:
         raise ModelError(
             f"The system of record assigns champion {assignment.champion} (revision {assignment.revision}, by "

@@ -59,6 +59,7 @@ async def watch_signals(state: State) -> str:
         # The registry may have changed on disk: rescan it and re-apply the stored assignment.
         loop.call_soon_threadsafe(_rescan, state)
 
+    state.rescans = set()
     for sig in SHUTDOWN_SIGNALS:
         previous[sig] = signal.signal(sig, on_signal)
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
@@ -67,12 +68,20 @@ async def watch_signals(state: State) -> str:
 
 
 def _rescan(state: State) -> None:
+    if state.shutting_down:  # too late to load anything
+        return
     task = asyncio.get_running_loop().create_task(state.watcher.rescan(), context=contextvars.Context())
-    state.rescans = getattr(state, "rescans", set()) | {task}
+    state.rescans.add(task)
     task.add_done_callback(state.rescans.discard)
 
 
 async def unwatch_signals(state: State) -> str:
     for sig, handler in getattr(state, "previous_signal_handlers", {}).items():
         signal.signal(sig, handler)
+    # A rescan still loading would start what the next steps close: stop it first.
+    rescans: set[asyncio.Task[None]] = getattr(state, "rescans", set())
+    for task in rescans:
+        task.cancel()
+    if rescans:
+        await asyncio.wait(rescans, timeout=1.0)
     return "restored the signal handlers"

@@ -21,7 +21,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,7 +31,7 @@ from service.models.challenger import Challenger, ScorecardChallenger
 from service.models.metadata import ModelError
 from service.models.policy import Policy
 from service.models.registry import Registry, ScorecardModel, load_scorecard
-from service.schemas import Assignment, WorkerModels
+from service.schemas import Assignment, ChallengerAssignment, WorkerModels
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +63,19 @@ class ModelSet:
 
 
 class ModelManager:
-    """Loads what an assignment names beside what is serving, checks it, and swaps; one change at a time."""
+    """Loads what an assignment names beside what is serving, checks it, and swaps; one change at a time.
 
-    def __init__(
-        self,
-        registry: Registry,
-        refer_band: tuple[float, float] | None,
-        on_swap: Callable[[ModelSet], None] = lambda models: None,
-    ) -> None:
+    Every change goes through `refresh`, which reads the newest stored assignment
+    while holding the lock: whatever order the watcher, SIGHUP and admin calls run
+    in, an older assignment can never replace a newer one.
+    """
+
+    def __init__(self, registry: Registry, refer_band: tuple[float, float] | None) -> None:
         self.registry = registry
         self.refer_band = refer_band
-        self._on_swap = on_swap
         self.current: ModelSet | None = None
-        # The revision whose champion and challenger this worker has applied (0: none yet).
-        self.applied_revision = 0
+        # The assignment this worker has applied in full (champion and challenger), if any.
+        self.applied: Assignment | None = None
         self.error: str | None = None
         self.loaded_at = time.time()
         self._lock = asyncio.Lock()
@@ -84,23 +83,53 @@ class ModelManager:
         self._prepared: dict[str, ScorecardModel | Challenger] = {}
         # Challengers swapped out, closing in the background (a batch may still be in flight on one).
         self._retiring: set[asyncio.Task[None]] = set()
+        # When to try again what failed to load (the champion of a revision, or a challenger).
+        self._failed: tuple[int, float] | None = None
+        self._closed = False
+
+    @property
+    def applied_revision(self) -> int:
+        return self.applied.revision if self.applied is not None else 0
+
+    @property
+    def failed_revision(self) -> int:
+        return self._failed[0] if self._failed is not None else 0
+
+    def wants(self, revision: int) -> bool:
+        """Whether the stored revision calls for a refresh: it differs from what was applied, or a retry is due.
+
+        What failed to load is tried again every RETRY_FAILED_SECONDS, not on every tick.
+        """
+        failed = self._failed
+        if failed is not None and time.monotonic() - failed[1] < RETRY_FAILED_SECONDS:
+            return revision != failed[0] and revision != self.applied_revision
+        return failed is not None or revision != self.applied_revision
 
     async def load_champion(self, version: str) -> ScorecardModel:
         entry = self.registry.get(version)
-        # Hashing and the self-check are quick, but file reads block: off the event loop.
-        model = await asyncio.to_thread(load_scorecard, entry, self.refer_band)
-        return model
+        try:
+            # Hashing and the self-check are quick, but file reads block: off the event loop.
+            return await asyncio.to_thread(load_scorecard, entry, self.refer_band)
+        except (OSError, ValueError) as exc:  # unreadable files: a reason to refuse, like any other
+            raise ModelError(f"{version} cannot be read: {exc}") from exc
 
     async def load_challenger(self, version: str) -> Challenger:
         entry = self.registry.get(version)
         if entry.metadata is None:
             raise ModelError(entry.error or f"{version} cannot be read.")
-        if entry.metadata.kind == "logistic":
-            return ScorecardChallenger(await asyncio.to_thread(load_scorecard, entry, self.refer_band))
-        return await BoostingChallenger.start(entry.path, entry.metadata, Policy.of(entry.metadata, self.refer_band))
+        try:
+            if entry.metadata.kind == "logistic":
+                return ScorecardChallenger(await asyncio.to_thread(load_scorecard, entry, self.refer_band))
+            policy = Policy.of(entry.metadata, self.refer_band)
+            return await BoostingChallenger.start(entry.path, entry.metadata, policy)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{version} cannot be loaded: {exc}") from exc
 
     def prepare(self, loaded: ScorecardModel | Challenger) -> None:
         """Keep a model an admin call has just verified, for the swap its assignment change brings."""
+        earlier = self._prepared.get(loaded.version)
+        if earlier is not None and earlier is not loaded and not isinstance(earlier, ScorecardModel):
+            self._retire(earlier)
         self._prepared[loaded.version] = loaded
 
     def discard(self, version: str) -> None:
@@ -109,54 +138,102 @@ class ModelManager:
         if prepared is not None and not isinstance(prepared, ScorecardModel):
             self._retire(prepared)
 
-    async def apply(self, assignment: Assignment, *, force: bool = False, with_challenger: bool = True) -> ModelSet:
-        """Serve what the assignment names; ModelError (and nothing changes) if its champion cannot be loaded.
+    async def start(self, assignment: Assignment) -> ModelSet:
+        """Start-up: the champion only; the challenger (a process of its own for boosting) follows a refresh."""
+        async with self._lock:
+            return await self._apply(assignment, force=False, with_challenger=False)
+
+    async def refresh(self, read: Callable[[], Awaitable[Assignment | None]], *, force: bool = False) -> ModelSet:
+        """Serve the newest stored assignment; ModelError (and the champion stays) if its champion cannot be loaded.
 
         `force` reloads even versions already loaded (SIGHUP: the registry may have
-        changed on disk). A challenger that cannot be loaded is logged, counted and
-        left out; the champion still changes.
+        changed on disk).
         """
         async with self._lock:
+            assignment = await read()
             current = self.current
-            if current is not None and not force and assignment.revision <= self.applied_revision:
+            if self._closed or assignment is None:
+                assert current is not None
                 return current
+            return await self._apply(assignment, force=force, with_challenger=True)
+
+    async def _apply(self, assignment: Assignment, *, force: bool, with_challenger: bool) -> ModelSet:
+        current = self.current
+        if current is not None and not force and self._failed is None and assignment == self.applied:
+            return current
+        started = time.perf_counter()
+        try:
+            champion = await self._champion(assignment.champion, current, force)
+        except ModelError as exc:
+            metrics.count(metrics.model_reload_failures, "champion")
+            self.error = f"champion {assignment.champion}: {exc}"
+            self._failed = (assignment.revision, time.monotonic())
+            raise
+        wanted = assignment.challenger if with_challenger else None
+        # The champion first: a challenger still to be loaded (seconds, for a process) must not hold it up.
+        # Meanwhile the challenger that serves keeps shadowing; its verdicts carry its own version.
+        ready = self._ready_challenger(wanted, current, force)
+        interim = ready if ready is not None or wanted is None else (current.challenger if current else None)
+        models = self._swap(current, ModelSet(champion, interim, _share(interim, assignment), assignment), started)
+        if wanted is not None and ready is None:
             started = time.perf_counter()
             try:
-                champion = await self._champion(assignment.champion, current, force)
+                loaded = await self.load_challenger(wanted.version)
             except ModelError as exc:
-                metrics.count(metrics.model_reload_failures, "champion")
-                self.error = f"champion {assignment.champion}: {exc}"
-                raise
-            challenger, error = None, None
-            if with_challenger and assignment.challenger is not None:
-                try:
-                    challenger = await self._challenger(assignment.challenger.version, current, force)
-                except ModelError as exc:
-                    metrics.count(metrics.model_reload_failures, "challenger")
-                    error = f"challenger {assignment.challenger.version}: {exc}"
-                    logger.error("Cannot load the challenger %s; serving without one: %s", assignment.challenger, exc)
-            share = assignment.challenger.share if challenger is not None and assignment.challenger else 0.0
-            models = ModelSet(champion, challenger, share, assignment)
-            self.current = models
-            self.error = error
-            self.loaded_at = time.time()
-            if with_challenger:
-                self.applied_revision = assignment.revision
-            self._on_swap(models)
-            _publish(current, models)
-            if current is None or current.champion is not champion:
-                metrics.count(metrics.model_reloads, "champion")
-            if challenger is not None and (current is None or current.challenger is not challenger):
-                metrics.count(metrics.model_reloads, "challenger")
-            _log_swap(current, models, time.perf_counter() - started)
-            # Whatever was prepared and not taken by now belongs to an assignment that lost.
-            leftovers = [p for p in self._prepared.values() if not isinstance(p, ScorecardModel)]
-            self._prepared = {}
-            if current is not None and current.challenger is not None and current.challenger is not challenger:
-                leftovers.append(current.challenger)
-            for leftover in leftovers:
+                metrics.count(metrics.model_reload_failures, "challenger")
+                self.error = f"challenger {wanted.version}: {exc}"
+                self._failed = (assignment.revision, time.monotonic())
+                logger.error(
+                    "Cannot load the challenger %s; %s: %s",
+                    wanted.version,
+                    f"{interim.version} keeps shadowing" if interim is not None else "serving without one",
+                    exc,
+                )
+                return models
+            if self._closed:  # shut down while it loaded
+                self._retire(loaded)
+                return models
+            models = self._swap(models, ModelSet(champion, loaded, wanted.share, assignment), started)
+        self.error = None
+        self._failed = None
+        if with_challenger:
+            self.applied = assignment
+        return models
+
+    def _ready_challenger(
+        self, wanted: ChallengerAssignment | None, current: ModelSet | None, force: bool
+    ) -> Challenger | None:
+        """The wanted challenger if it needs no loading: prepared by an admin call, or already serving."""
+        if wanted is None:
+            return None
+        prepared = self._prepared.pop(wanted.version, None)
+        if isinstance(prepared, ScorecardModel):
+            return ScorecardChallenger(prepared)
+        if prepared is not None:
+            return prepared
+        serving = current.challenger if current is not None else None
+        if serving is not None and serving.version == wanted.version and not force:
+            return serving
+        return None
+
+    def _swap(self, old: ModelSet | None, new: ModelSet, started: float) -> ModelSet:
+        """Make `new` what requests take from now on; count, log, publish; retire what nothing serves any more."""
+        self.current = new
+        self.loaded_at = time.time()
+        _publish(old, new)
+        if old is None or old.champion is not new.champion:
+            metrics.count(metrics.model_reloads, "champion")
+        if new.challenger is not None and (old is None or old.challenger is not new.challenger):
+            metrics.count(metrics.model_reloads, "challenger")
+        _log_swap(old, new, time.perf_counter() - started)
+        if old is not None and old.challenger is not None and old.challenger is not new.challenger:
+            self._retire(old.challenger)
+        # Whatever was prepared and not taken by now belongs to an assignment that lost.
+        for leftover in [p for p in self._prepared.values() if not isinstance(p, ScorecardModel)]:
+            if leftover is not new.challenger:
                 self._retire(leftover)
-            return models
+        self._prepared = {}
+        return new
 
     def _retire(self, challenger: Challenger) -> None:
         task = asyncio.ensure_future(challenger.close())
@@ -173,17 +250,6 @@ class ModelManager:
             return current.champion
         return await self.load_champion(version)
 
-    async def _challenger(self, version: str, current: ModelSet | None, force: bool) -> Challenger:
-        prepared = self._prepared.pop(version, None)
-        if prepared is not None and not isinstance(prepared, ScorecardModel):
-            return prepared
-        if isinstance(prepared, ScorecardModel):
-            return ScorecardChallenger(prepared)
-        serving = current.challenger if current is not None else None
-        if serving is not None and serving.version == version and not force:
-            return serving
-        return await self.load_challenger(version)
-
     def report(self, worker: str) -> WorkerModels:
         models = self.current
         assert models is not None
@@ -198,17 +264,28 @@ class ModelManager:
         )
 
     async def close(self) -> None:
-        """Stop every challenger process this worker started (the serving one, prepared and retiring ones)."""
-        async with self._lock:
-            models = self.current
-            leftovers = [c for c in self._prepared.values() if not isinstance(c, ScorecardModel)]
-            self._prepared = {}
-            if models is not None and models.challenger is not None:
-                leftovers.append(models.challenger)
-            for challenger in leftovers:
-                self._retire(challenger)
-            if self._retiring:
-                await asyncio.gather(*self._retiring, return_exceptions=True)
+        """Stop every challenger process this worker started (the serving one, prepared and retiring ones).
+
+        It does not wait for a change in progress (loading a challenger takes seconds): that change, when its
+        process is ready, sees the manager closed and stops it.
+        """
+        self._closed = True
+        models = self.current
+        leftovers = [c for c in self._prepared.values() if not isinstance(c, ScorecardModel)]
+        self._prepared = {}
+        if models is not None and models.challenger is not None:
+            leftovers.append(models.challenger)
+        for challenger in leftovers:
+            self._retire(challenger)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
+
+def _share(challenger: Challenger | None, assignment: Assignment) -> float:
+    if challenger is None:
+        return 0.0
+    # A challenger kept while its successor loads keeps the share it was given.
+    return assignment.challenger.share if assignment.challenger is not None else 0.0
 
 
 def _utc(seconds: float) -> dt.datetime:
@@ -264,17 +341,19 @@ class AssignmentWatcher:
         self.manager = manager
         self.worker = worker
         self._reported_at = 0.0
-        self._failed: tuple[int, float] | None = None
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
         # aclosing: if the task is cancelled after all, the store's listening session closes with it.
         async with contextlib.aclosing(self.source.assignment_revisions(TICK_SECONDS, self._stop)) as revisions:
             async for revision in revisions:
-                if revision != self.manager.applied_revision and self._due(revision):
-                    await self._follow()
-                if time.monotonic() - self._reported_at >= REPORT_SECONDS:
-                    await self.report()
+                try:
+                    if self.manager.wants(revision):
+                        await self.follow()
+                    if time.monotonic() - self._reported_at >= REPORT_SECONDS:
+                        await self.report()
+                except Exception:  # a bug must not end the following: log it whole, and go on at the next tick
+                    logger.exception("Following the model assignment failed; trying again at the next tick")
 
     async def stop(self, task: asyncio.Task[None], grace: float) -> None:
         """End between calls to the store (a call cut short would strand its connection); cancel only past `grace`."""
@@ -284,31 +363,20 @@ class AssignmentWatcher:
             task.cancel()
             await asyncio.wait({task}, timeout=grace)
 
-    def _due(self, revision: int) -> bool:
-        # A revision this worker could not load is retried now and then, not on every tick.
-        failed = self._failed
-        return failed is None or failed[0] != revision or time.monotonic() - failed[1] >= RETRY_FAILED_SECONDS
-
-    async def _follow(self, force: bool = False) -> None:
+    async def follow(self, force: bool = False) -> None:
+        """Serve the newest stored assignment (the store down: the next tick tries again)."""
         try:
-            assignment = await self.source.read_assignment()
-        except Exception as exc:  # the store is down: the next tick tries again
-            logger.warning("Could not read the model assignment (%s: %s); will retry", type(exc).__name__, exc)
-            return
-        if assignment is None:
-            return
-        try:
-            await self.manager.apply(assignment, force=force)
-            self._failed = None
+            await self.manager.refresh(self.source.read_assignment, force=force)
         except ModelError as exc:
-            self._failed = (assignment.revision, time.monotonic())
-            revision = assignment.revision
             logger.error(
                 "Cannot serve revision %d of the model assignment; still serving %s: %s",
-                revision,
+                self.manager.failed_revision,
                 _describe(self.manager.current),
                 exc,
             )
+        except Exception as exc:  # the store did not answer: said once per attempt, retried at the next tick
+            logger.warning("Could not read the model assignment (%s: %s); will retry", type(exc).__name__, exc)
+            return
         await self.report()
 
     async def rescan(self) -> None:
@@ -316,7 +384,7 @@ class AssignmentWatcher:
         logger.info(
             "Rescanning the model registry %s and re-applying the stored assignment", self.manager.registry.root
         )
-        await self._follow(force=True)
+        await self.follow(force=True)
 
     async def report(self) -> None:
         if self.manager.current is None:

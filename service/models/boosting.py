@@ -77,23 +77,28 @@ class BoostingChallenger:
         return challenger
 
     async def _spawn(self) -> None:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            __name__,
-            str(self.folder),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            cwd=PROJECT_ROOT,
-            # One thread: the machine's cores belong to the champion's requests.
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                __name__,
+                str(self.folder),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                cwd=PROJECT_ROOT,
+                env=_child_environment(),
+            )
+        except OSError as exc:  # out of processes or file descriptors
+            raise ModelError(f"The challenger process for {self.version} could not be started: {exc}.") from exc
         try:
             answer = await asyncio.wait_for(_read(process), READY_TIMEOUT)
         except (ChallengerFailed, TimeoutError) as exc:
             await _stop(process, 0.0)
             reason = f"no answer within {READY_TIMEOUT:g} s" if isinstance(exc, TimeoutError) else str(exc)
             raise ModelError(f"The challenger process for {self.version} did not start: {reason}.") from None
+        except BaseException:  # cancelled (shutdown) while it loaded: it must not outlive its owner
+            await asyncio.shield(_stop(process, 0.0))
+            raise
         if "error" in answer:
             await _stop(process, STOP_TIMEOUT)
             raise ModelError(str(answer["error"]))
@@ -146,10 +151,26 @@ async def _read(process: asyncio.subprocess.Process) -> dict[str, Any]:
     assert process.stdout is not None
     try:
         (size,) = _HEADER.unpack(await process.stdout.readexactly(_HEADER.size))
-        message: dict[str, Any] = _decoder.decode(await process.stdout.readexactly(size))
+        message = _decoder.decode(await process.stdout.readexactly(size))
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise ChallengerFailed(f"the process exited ({type(exc).__name__})") from None
+    except (msgspec.DecodeError, struct.error) as exc:  # something else wrote to its stdout
+        raise ChallengerFailed(f"the process answered garbage ({exc})") from None
+    if not isinstance(message, dict):
+        raise ChallengerFailed("the process answered something other than a message")
     return message
+
+
+# What the child inherits: enough to run Python, never the service's secrets (DATABASE_URL, keys). Whoever can
+# write to MODEL_DIR can make the child run code (a pickle), so it gets nothing worth stealing.
+_INHERITED = ("PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
+
+
+def _child_environment() -> dict[str, str]:
+    env = {name: os.environ[name] for name in _INHERITED if name in os.environ}
+    # One thread: the machine's cores belong to the champion's requests.
+    env["OMP_NUM_THREADS"] = "1"
+    return env
 
 
 async def _stop(process: asyncio.subprocess.Process, grace: float) -> None:

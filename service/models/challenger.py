@@ -122,6 +122,9 @@ class ChallengerQueue:
                 except asyncio.CancelledError:  # shutdown's budget ran out with this batch in flight
                     metrics.count(metrics.challenger_dropped, "shutdown", amount=len(batch))
                     raise
+                except Exception:  # a bug: it costs this batch, never the queue
+                    metrics.count(metrics.challenger_dropped, "failed", amount=len(batch))
+                    logger.exception("A challenger batch of %d failed unexpectedly; dropped it", len(batch))
             self._idle.set()
 
     async def _score(self, batch: list[tuple[uuid.UUID, Applicant]]) -> None:

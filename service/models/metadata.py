@@ -7,6 +7,7 @@ against the API's schema before anything else in the folder is read.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -17,6 +18,8 @@ METADATA_NAME = "metadata.json"
 ARTIFACT_NAME = "model.joblib"
 SCORECARD_NAME = "scorecard.json"
 CHECKS_NAME = "checks.json"
+
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 Kind = Literal["logistic", "boosting"]
 KINDS: tuple[str, ...] = ("logistic", "boosting")
@@ -101,4 +104,8 @@ def decode(raw: bytes, where: str) -> Metadata:
         raise ModelError(f"{where} has cut-off {metadata.cutoff}; it must lie strictly between 0 and 1.")
     if [f.name for f in metadata.features] != list(APPLICANT_FIELDS):
         raise ModelError(f"{where} lists other features than the API accepts; retrain this version.")
+    for name in (metadata.artifact, *metadata.files):
+        # Files of the version, in its folder: a name that reaches elsewhere is refused.
+        if not FILE_NAME.fullmatch(name):
+            raise ModelError(f"{where} names a file {name!r}; a version's files are plain names in its folder.")
     return metadata

@@ -31,7 +31,7 @@ from service.schemas import Applicant, Decision
 
 MAX_PROBABILITY_DIFFERENCE = 1e-9
 # Folder names are versions, and versions appear in URLs: no path tricks.
-VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class UnknownVersion(ModelError):
@@ -67,7 +67,7 @@ class Registry:
         return sorted(entries, key=lambda e: (e.metadata is None, e.metadata.trained_at if e.metadata else _EPOCH))
 
     def get(self, version: str) -> Entry:
-        if not VERSION_PATTERN.match(version) or not (self.root / version).is_dir():
+        if not VERSION_PATTERN.fullmatch(version) or not (self.root / version).is_dir():
             raise UnknownVersion(f"There is no model version {version!r} in {self.root}.")
         return self._entry(self.root / version)
 
@@ -88,7 +88,7 @@ _EPOCH = dt.datetime.min.replace(tzinfo=dt.UTC)
 
 def _is_version_folder(path: Path) -> bool:
     # Training writes into a hidden temporary folder and renames it when complete.
-    return path.is_dir() and bool(VERSION_PATTERN.match(path.name))
+    return path.is_dir() and bool(VERSION_PATTERN.fullmatch(path.name))
 
 
 def read_metadata(folder: Path) -> tuple[Metadata, bytes]:

@@ -56,12 +56,16 @@ async def _verified(loading: Awaitable[T]) -> T:
         raise ModelRefused(f"Nothing changed: {exc}") from None
 
 
-async def _apply_here(manager: ModelManager, assignment: Assignment) -> None:
-    # This worker swaps now; the others follow the NOTIFY (or their next read) within seconds.
+async def _apply_here(request: Request, assignment: Assignment, prepared: str | None) -> None:
+    """This worker swaps now (the others follow the NOTIFY, or their next read, within seconds)."""
+    manager: ModelManager = request.app.state.models
     try:
-        await manager.apply(assignment)
+        await manager.refresh(request.app.state.store.read_assignment)
     except ModelError as exc:  # verified a moment ago; the watcher retries and the report shows it
         logger.error("Recorded revision %d but could not apply it in this worker: %s", assignment.revision, exc)
+    finally:
+        if prepared is not None:  # not taken (the change changed nothing, or lost to a newer one): stop it
+            manager.discard(prepared)
 
 
 async def list_models(request: Request) -> Response:
@@ -112,12 +116,22 @@ async def promote(request: Request) -> Response:
             return None
         return "promote", (version, kept)
 
-    before = manager.current.assignment.champion if manager.current else None
-    assignment: Assignment = await state.store.change_assignment(change, key.id)
-    await _apply_here(manager, assignment)
-    logger.info(
-        "Admin key %s promoted %s to champion (revision %d; was %s)", key.id, version, assignment.revision, before
-    )
+    before = manager.current.assignment if manager.current else None
+    try:
+        assignment: Assignment = await state.store.change_assignment(change, key.id)
+    except BaseException:
+        manager.discard(version)
+        raise
+    await _apply_here(request, assignment, version)
+    if before is not None and assignment.revision == before.revision:
+        logger.info(
+            "Admin key %s promoted %s, which is the champion already (revision %d)", key.id, version, before.revision
+        )
+    else:
+        was = before.champion if before is not None else None
+        logger.info(
+            "Admin key %s promoted %s to champion (revision %d; was %s)", key.id, version, assignment.revision, was
+        )
     return json_response(encoder.encode(assignment))
 
 
@@ -139,8 +153,9 @@ async def set_challenger(request: Request) -> Response:
         new = ChallengerAssignment(version=version, share=wanted.share)
         return None if current.challenger == new else ("challenger", (current.champion, new))
 
-    if version is not None:
-        current = manager.current
+    current = manager.current
+    serving = current.challenger.version if current is not None and current.challenger is not None else None
+    if version is not None and version != serving:
         if current is not None and current.champion.version == version:
             change(current.assignment)  # the same 422, before starting a process for nothing
         manager.prepare(await _verified(manager.load_challenger(version)))
@@ -150,8 +165,12 @@ async def set_challenger(request: Request) -> Response:
         if version is not None:
             manager.discard(version)
         raise
-    await _apply_here(manager, assignment)
-    if version is None:
+    await _apply_here(request, assignment, version)
+    if current is not None and assignment.revision == current.assignment.revision:
+        logger.info(
+            "Admin key %s asked for challenger %s: so it is already (revision %d)", key.id, version, assignment.revision
+        )
+    elif version is None:
         logger.info("Admin key %s stopped the challenger (revision %d)", key.id, assignment.revision)
     else:
         logger.info(

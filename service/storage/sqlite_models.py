@@ -120,8 +120,14 @@ class SQLiteModelRecords:
         ]
 
         def insert(conn: sqlite3.Connection) -> None:
-            with conn:  # one transaction: all rows or none
+            # One transaction (the connection autocommits otherwise): all rows or none, and one fsync.
+            conn.execute("BEGIN")
+            try:
                 conn.executemany(records.INSERT_CHALLENGER.format(p="?"), values)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
         await self._run(insert)
 

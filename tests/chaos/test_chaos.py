@@ -174,8 +174,10 @@ def test_postgres_restarted_under_load(
         pg.restart()
         after_restart = load.result.statuses[201]
         time.sleep(LOAD_SECONDS)
-        # It recovered by itself: decisions were committed after the restart.
+        # It recovered by itself: decisions were committed after the restart ...
         assert load.result.statuses[201] > after_restart
+        # ... and the session that listens for model assignment changes is back (it re-reads on reconnect).
+        assert wait_until(lambda: "Listening for model assignment changes again" in service.log(), timeout=10)
         stop_cleanly(service, row)
     record(row, load.result)
     count_leftovers(row, servers)
