@@ -8,6 +8,7 @@
     ├── NotFound                    404  unknown decision id, model version or path
     ├── MethodNotAllowed            405
     ├── Conflict                    409  same Idempotency-Key still in flight
+    │   └── OutcomeConflict         409  another outcome is already recorded for the decision
     ├── PayloadTooLarge             413  body over the route's limit
     ├── UnsupportedMediaType        415  Content-Type is not JSON
     ├── ValidationFailed            422  JSON of the wrong shape, type, range or enum
@@ -103,6 +104,12 @@ class Conflict(ServiceError):
     """A request with the same Idempotency-Key is still being processed."""
 
     status, title, slug = 409, "Request in flight", "idempotency-key-in-flight"
+
+
+class OutcomeConflict(Conflict):
+    """The decision already has another outcome on record."""
+
+    title, slug = "Outcome already recorded", "outcome-conflict"
 
 
 class PayloadTooLarge(ServiceError):

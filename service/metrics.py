@@ -68,6 +68,22 @@ model_reloads = Counter("model_reloads", "Model versions loaded and swapped in, 
 model_reload_failures = Counter(
     "model_reload_failures", "Model versions that failed to load (the worker kept what it served), by role.", ["role"]
 )
+# Monitoring, refreshed from the system of record at most once a minute per worker (the same figures on every
+# worker; a scrape shows the most recent). NaN when there is nothing to measure yet.
+model_score_psi = Gauge(
+    "model_score_psi",
+    "The champion's population stability index of the probability of default over the last 24 h.",
+    multiprocess_mode="livemostrecent",
+)
+model_feature_psi = Gauge(
+    "model_feature_psi",
+    "The champion's characteristic stability index per feature over the last 24 h.",
+    ["feature"],
+    multiprocess_mode="livemostrecent",
+)
+model_approval_rate = Gauge(
+    "model_approval_rate", "The champion's share of approvals over the last 24 h.", multiprocess_mode="livemostrecent"
+)
 challenger_scored = Counter("challenger_scored", "Decisions the challenger scored and recorded.")
 challenger_dropped = Counter(
     "challenger_dropped",

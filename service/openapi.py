@@ -21,6 +21,9 @@ from service.schemas import (
     Comparison,
     Decision,
     ModelsOverview,
+    Monitoring,
+    Outcome,
+    OutcomeRequest,
     Problem,
     encoder,
 )
@@ -36,6 +39,9 @@ _, _components = msgspec.json.schema_components(
         BatchResponse,
         Problem,
         ModelsOverview,
+        Monitoring,
+        Outcome,
+        OutcomeRequest,
         Assignment,
         ChallengerRequest,
         Comparison,
@@ -63,7 +69,7 @@ def _problems(*statuses: int) -> dict[str, Any]:
         401: "Missing or wrong API key (when API_KEYS is set).",
         403: "Not an admin key (ADMIN_API_KEYS), or no admin keys are configured.",
         404: "No such decision or model version.",
-        409: "A request with the same Idempotency-Key is still in flight.",
+        409: "A request with the same Idempotency-Key is still in flight; or another outcome is already recorded.",
         413: "The body is too large.",
         415: "Content-Type is not JSON.",
         422: "The body is not a valid request (errors[].path names the field), or the model version was refused.",
@@ -165,6 +171,54 @@ DOCUMENT: dict[str, Any] = {
                     _REQUEST_ID,
                 ],
                 "responses": {"200": _json(_ref("Decision"), "The decision."), **_problems(401, 404, 503)},
+            }
+        },
+        "/decisions/{decision_id}/outcome": {
+            "put": {
+                "operationId": "recordOutcome",
+                "summary": "Record whether the borrower defaulted, and when that was observed.",
+                "security": _BEARER,
+                "parameters": [
+                    {
+                        "name": "decision_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "format": "uuid"},
+                    },
+                    _REQUEST_ID,
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": _ref("OutcomeRequest"),
+                            "example": {"defaulted": False, "observed_at": "2027-11-29T00:00:00Z"},
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json(_ref("Outcome"), "Recorded."),
+                    "200": _json(_ref("Outcome"), "The same outcome was already recorded."),
+                    **_problems(400, 401, 404, 409, 413, 415, 422, 503),
+                },
+            }
+        },
+        "/monitoring": {
+            "get": {
+                "operationId": "monitoring",
+                "summary": "A model version over a window: rates, population stability (PSI) and back-testing.",
+                "security": _BEARER,
+                "parameters": [
+                    *_WINDOW,
+                    {
+                        "name": "model_version",
+                        "in": "query",
+                        "required": False,
+                        "description": "Default: the champion.",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": {"200": _json(_ref("Monitoring"), "The figures."), **_problems(400, 401, 404, 503)},
             }
         },
         "/admin/models": {

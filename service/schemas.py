@@ -230,10 +230,54 @@ class Comparison(msgspec.Struct, frozen=True):
     outcomes: dict[str, Any] | None = None
 
 
+# -- outcomes and monitoring ---------------------------------------------------
+
+
+class OutcomeRequest(_Strict, frozen=True):
+    """Body of PUT /decisions/{id}/outcome: whether the borrower defaulted, and when that was known."""
+
+    defaulted: bool
+    # With its offset (an instant, not a wall-clock time).
+    observed_at: Annotated[dt.datetime, msgspec.Meta(tz=True)]
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    decision_id: uuid.UUID
+    defaulted: bool
+    observed_at: dt.datetime
+    recorded_at: dt.datetime
+
+
+class MonitoredFeature(msgspec.Struct, frozen=True):
+    name: str
+    # Characteristic stability against the training distribution; null when the model records none.
+    psi: float | None
+    status: Literal["stable", "watch", "act"] | None
+
+
+class Monitoring(msgspec.Struct, frozen=True):
+    """GET /monitoring: one model version over a window, computed in the system of record."""
+
+    model_version: str
+    window: dict[str, dt.datetime]
+    # count, and the share of approve, decline and refer.
+    decisions: dict[str, float | None]
+    # mean, p50, p90, psi (against the training deciles) and its status.
+    probability: dict[str, float | str | None]
+    # p10, p50, p90 of the scorecard score.
+    score: dict[str, float | None]
+    features: list[MonitoredFeature]
+    # count, default_rate, roc_auc, gini, ks, by_band; null when the window has no outcome.
+    outcomes: dict[str, Any] | None
+    # PSI from which a status is watch, and act.
+    thresholds: dict[str, float]
+
+
 # Built once: msgspec decoders and encoders are reusable and thread-safe.
 applicant_decoder = msgspec.json.Decoder(Applicant)
 batch_decoder = msgspec.json.Decoder(BatchRequest)
 reasons_decoder = msgspec.json.Decoder(list[Reason])
 decision_decoder = msgspec.json.Decoder(Decision)
 challenger_request_decoder = msgspec.json.Decoder(ChallengerRequest)
+outcome_decoder = msgspec.json.Decoder(OutcomeRequest)
 encoder = msgspec.json.Encoder()

@@ -32,7 +32,7 @@ import sklearn
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 from sklearn.model_selection import train_test_split
 
-from service import dataset
+from service import dataset, monitoring
 from service.models import pipeline as pipelines
 from service.models.metadata import (
     ARTIFACT_NAME,
@@ -40,12 +40,14 @@ from service.models.metadata import (
     KINDS,
     METADATA_NAME,
     SCORECARD_NAME,
+    Bins,
     FeatureInfo,
     Metadata,
     Metrics,
     ModelError,
     RiskBand,
     SelfCheck,
+    TrainingDistribution,
     TrainingInfo,
 )
 from service.models.registry import MAX_PROBABILITY_DIFFERENCE, VERSION_PATTERN, ChecksFile
@@ -94,6 +96,18 @@ def feature_info(train: list[Applicant]) -> list[FeatureInfo]:
     return infos
 
 
+def training_distribution(train: list[Applicant], probabilities: list[float]) -> TrainingDistribution:
+    """The training rows' probability of default by deciles, and each feature by its bins: what PSI compares with."""
+    features: dict[str, Bins] = {}
+    for name in APPLICANT_FIELDS:
+        column = [getattr(a, name) for a in train]
+        values = allowed_values(name)
+        features[name] = (
+            monitoring.categorical_bins(column, values) if values is not None else monitoring.numeric_bins(column)
+        )
+    return TrainingDistribution(probability=monitoring.numeric_bins(probabilities), features=features)
+
+
 def held_out_metrics(labels: np.ndarray, probabilities: np.ndarray) -> Metrics:
     auc = float(roc_auc_score(labels, probabilities))
     fpr, tpr, _ = roc_curve(labels, probabilities)
@@ -139,6 +153,7 @@ def train(
     pipeline.fit(pipelines.to_matrix(train_rows), labels[train_idx])
     held_out = pipeline.predict_proba(pipelines.to_matrix([data.applicants[i] for i in test_idx]))[:, 1]
     features = feature_info(train_rows)
+    distribution = training_distribution(train_rows, pipelines.probabilities(pipeline, pipelines.to_matrix(train_rows)))
 
     buffer = io.BytesIO()
     joblib.dump(pipeline, buffer)
@@ -187,6 +202,7 @@ def train(
             positive_class="bad",
         ),
         self_check=self_check,
+        training_distribution=distribution,
     )
     files[ARTIFACT_NAME] = buffer.getvalue()
     files[METADATA_NAME] = _encode(metadata)

@@ -46,6 +46,7 @@ def test_startup_and_shutdown_run_steps_in_order_and_log_each(
         "models",
         "challenger",
         "watcher",
+        "gauges",
         "signals",
     ]
     assert lines[0] == STARTING
@@ -54,9 +55,10 @@ def test_startup_and_shutdown_run_steps_in_order_and_log_each(
     rest = lines[1 + len(steps) :]
     assert rest[0] == STARTED
     assert rest[1] == CLOSING
-    stopped = [re.match(r"Shutdown step '(\w+)': (.*) in [\d.]+ ms$", line) for line in rest[2:9]]
+    stopped = [re.match(r"Shutdown step '(\w+)': (.*) in [\d.]+ ms$", line) for line in rest[2:10]]
     assert [m.group(1) for m in stopped if m] == [
         "signals",
+        "gauges",
         "watcher",
         "challenger",
         "models",
@@ -64,8 +66,8 @@ def test_startup_and_shutdown_run_steps_in_order_and_log_each(
         "cache",
         "store",
     ]
-    assert all(m.group(2).startswith("closed") for m in stopped[5:] if m)
-    assert rest[9:] == [CLOSED]
+    assert all(m.group(2).startswith("closed") for m in stopped[6:] if m)
+    assert rest[10:] == [CLOSED]
 
 
 def test_startup_puts_model_store_cache_on_app_state(settings: Settings) -> None:

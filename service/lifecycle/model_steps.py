@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import datetime as dt
 import logging
+import math
+import random
 from typing import Any
 
 from starlette.datastructures import State
 
-from service import storage
+from service import metrics, monitoring, storage
 from service.models.assignment import AssignmentWatcher, ModelManager, worker_id
 from service.models.challenger import ChallengerQueue
 from service.models.metadata import ModelError
@@ -27,6 +30,10 @@ logger = logging.getLogger("service.lifecycle")
 CHALLENGER_DRAIN_SECONDS = 2.0
 # How long shutdown tries to remove this worker's report from the admin view.
 FORGET_SECONDS = 0.5
+# The monitoring gauges: the champion over the last day, refreshed at most once a minute per worker.
+GAUGE_WINDOW = dt.timedelta(hours=24)
+GAUGE_REFRESH_SECONDS = 60.0
+GAUGE_FIRST_SECONDS = 10.0
 
 
 async def load_models(state: State) -> str:
@@ -117,3 +124,54 @@ async def stop_watcher(state: State) -> str:
     except Exception as exc:  # a report others will see as stale soon enough
         return f"stopped following the model assignment (could not remove this worker's report: {exc})"
     return "stopped following the model assignment"
+
+
+async def start_gauges(state: State) -> str:
+    """Refresh the monitoring gauges from the database now and then, never on a request's path."""
+
+    async def refresh() -> None:
+        # Workers started together should not all ask at once.
+        await asyncio.sleep(random.uniform(1.0, GAUGE_FIRST_SECONDS))
+        failing = False
+        while True:
+            try:
+                await _refresh_gauges(state)
+                failing = False
+            except Exception as exc:  # the database is down or slow: the gauges keep their last values
+                if not failing:
+                    logger.warning(
+                        "Could not refresh the monitoring gauges (%s: %s); will retry", type(exc).__name__, exc
+                    )
+                failing = True
+            await asyncio.sleep(GAUGE_REFRESH_SECONDS)
+
+    state.gauges_task = asyncio.get_running_loop().create_task(refresh(), context=contextvars.Context())
+    return f"monitoring gauges refreshed every {GAUGE_REFRESH_SECONDS:g} s from the database"
+
+
+async def _refresh_gauges(state: State) -> None:
+    manager: ModelManager = state.models
+    current = manager.current
+    if current is None:
+        return
+    metadata = current.champion.metadata
+    until = dt.datetime.now(dt.UTC)
+    since = until - GAUGE_WINDOW
+    counts = await state.store.monitoring_counts(
+        metadata.version, since, until, metadata.training_distribution, full=False
+    )
+    figures = monitoring.report(metadata, since, until, counts)
+    metrics.model_score_psi.set(_value(figures.probability.get("psi")))
+    metrics.model_approval_rate.set(_value(figures.decisions.get("approve")))
+    for feature in figures.features:
+        metrics.model_feature_psi.labels(feature.name).set(_value(feature.psi))
+
+
+def _value(figure: Any) -> float:
+    return float(figure) if isinstance(figure, (int, float)) else math.nan
+
+
+async def stop_gauges(state: State) -> str:
+    state.gauges_task.cancel()
+    await asyncio.wait({state.gauges_task}, timeout=1.0)
+    return "stopped refreshing the monitoring gauges"

@@ -160,5 +160,6 @@ def default_steps(settings: Settings | None = None) -> list[Step]:
             stop_timeout=model_steps.CHALLENGER_DRAIN_SECONDS + 1.0,
         ),
         Step("watcher", model_steps.start_watcher, model_steps.stop_watcher, stop_timeout=2.0),
+        Step("gauges", model_steps.start_gauges, model_steps.stop_gauges, stop_timeout=1.5),
         Step("signals", watch_signals, unwatch_signals, stop_timeout=1.0),
     ]

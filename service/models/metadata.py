@@ -69,6 +69,27 @@ class SelfCheck(msgspec.Struct):
     max_difference: float
 
 
+class Bins(msgspec.Struct, omit_defaults=True):
+    """A training distribution: a share of the training rows per bin.
+
+    Categorical: one bin per value, in `values`. Numeric: `edges` are the upper
+    bounds of all bins but the last, each bin closed on the right (x <= edge), the
+    last one open (x > the last edge); n edges, n + 1 bins.
+    """
+
+    frequencies: list[float]
+    values: list[Any] | None = None
+    edges: list[float] | None = None
+
+
+class TrainingDistribution(msgspec.Struct):
+    """What population stability is measured against: the probability of default by
+    training deciles, and every feature by its bins (categories; deciles for numerics)."""
+
+    probability: Bins
+    features: dict[str, Bins]
+
+
 class Metadata(msgspec.Struct, kw_only=True):
     name: str
     version: str
@@ -86,6 +107,8 @@ class Metadata(msgspec.Struct, kw_only=True):
     metrics: Metrics
     training: TrainingInfo
     self_check: SelfCheck | None = None
+    # None for a version trained before it was recorded: monitoring then reports no PSI.
+    training_distribution: TrainingDistribution | None = None
 
 
 def decode(raw: bytes, where: str) -> Metadata:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from service.routes import admin, decisions, health
+from service.routes import admin, decisions, health, monitoring
 
 ROUTES = [
     Route("/decisions", decisions.create_decision, methods=["POST"]),
     Route("/decisions/batch", decisions.create_batch, methods=["POST"]),
     Route("/decisions/{decision_id:uuid}", decisions.get_decision, methods=["GET"]),
+    Route("/decisions/{decision_id:uuid}/outcome", monitoring.record_outcome, methods=["PUT"]),
+    Route("/monitoring", monitoring.get_monitoring, methods=["GET"]),
     Route("/admin/models", admin.list_models, methods=["GET"]),
     Route("/admin/models/{version}/promote", admin.promote, methods=["POST"]),
     Route("/admin/challenger", admin.set_challenger, methods=["PUT"]),

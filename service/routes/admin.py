@@ -24,6 +24,7 @@ from service.keys import authorize_admin
 from service.models.assignment import ModelManager
 from service.models.metadata import ModelError
 from service.models.registry import UnknownVersion
+from service.monitoring import Ranking
 from service.routes import params
 from service.routes.bodies import decode, json_response, read_json_body
 from service.schemas import (
@@ -194,7 +195,25 @@ async def comparison(request: Request) -> Response:
     if challenger is None:
         raise NotFound("No challenger is assigned; name one with ?challenger=<version>.")
     result = await state.store.compare(champion, challenger, since, until)
+    # Back-testing both on the loans whose outcome is known, when there are any.
+    champion_ranking, challenger_ranking = await state.store.compare_outcomes(champion, challenger, since, until)
+    total = champion_ranking.defaults + champion_ranking.non_defaults
+    if total:
+        result = msgspec.structs.replace(
+            result,
+            outcomes={
+                "count": total,
+                "default_rate": champion_ranking.defaults / total,
+                "champion": _back_test(champion_ranking),
+                "challenger": _back_test(challenger_ranking),
+            },
+        )
     return json_response(encoder.encode(result))
+
+
+def _back_test(ranking: Ranking) -> dict[str, float | None]:
+    auc = ranking.roc_auc
+    return {"roc_auc": auc, "gini": None if auc is None else 2 * auc - 1, "ks": ranking.ks}
 
 
 async def history(request: Request) -> Response:

@@ -13,7 +13,7 @@ DEFAULT_WINDOW = dt.timedelta(hours=24)
 
 def timestamp(request: Request, name: str) -> dt.datetime | None:
     raw = request.query_params.get(name)
-    if raw is None or not raw.strip():
+    if raw is None:
         return None
     try:
         value = dt.datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 from psycopg.types.json import Jsonb
 
+from service.models.metadata import TrainingDistribution
+from service.monitoring import Ranking, WindowCounts
 from service.schemas import (
     APPLICANT_FIELDS,
     Applicant,
@@ -27,6 +29,8 @@ from service.schemas import (
     ChallengerDecision,
     Comparison,
     Decision,
+    Outcome,
+    OutcomeRequest,
     WorkerModels,
     encoder,
     reasons_decoder,
@@ -108,6 +112,29 @@ class Store(Protocol):
     async def record_challenger(self, rows: Sequence[ChallengerDecision]) -> None: ...
 
     async def compare(self, champion: str, challenger: str, since: dt.datetime, until: dt.datetime) -> Comparison: ...
+
+    async def compare_outcomes(
+        self, champion: str, challenger: str, since: dt.datetime, until: dt.datetime
+    ) -> tuple[Ranking, Ranking]: ...
+
+    # -- outcomes and monitoring (monitoring_records.py) --
+
+    async def record_outcome(
+        self, decision_id: uuid.UUID, outcome: OutcomeRequest, recorded_by: str | None
+    ) -> tuple[str, Outcome | None, dt.datetime | None]:
+        """("created" | "same" | "different" | "unknown" | "too_early", the outcome on record, the decision's time)."""
+
+    async def monitoring_counts(
+        self,
+        version: str,
+        since: dt.datetime,
+        until: dt.datetime,
+        distribution: TrainingDistribution | None,
+        full: bool = True,
+    ) -> WindowCounts:
+        """The window's counts and bins; with `full`, its quantiles and its back-test too."""
+
+    async def roc_points(self, version: str, since: dt.datetime, until: dt.datetime) -> list[tuple[int, int, int]]: ...
 
 
 # The batch that holds a key, in order; a key held by a single decision has no batch.

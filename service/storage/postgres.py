@@ -35,6 +35,7 @@ from service.storage.base import (
     _row,
 )
 from service.storage.postgres_models import PostgresModelRecords
+from service.storage.postgres_monitoring import PostgresMonitoring
 from service.storage.schema import _COLUMNS, _NAMES, _PG_TYPES, _SPECIAL, MIGRATION_LOCK_ID, _checksum, _to_apply
 from service.tasks import abandon
 
@@ -114,7 +115,7 @@ async def _insert_group(conn: psycopg.AsyncConnection[Any], *, records: Sequence
     return outcomes
 
 
-class PostgresStore(PostgresModelRecords):
+class PostgresStore(PostgresModelRecords, PostgresMonitoring):
     def __init__(
         self,
         pool: psycopg_pool.AsyncConnectionPool,

@@ -142,6 +142,23 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
             )
         },
     ),
+    (
+        3,
+        "outcomes",
+        {
+            dialect: [
+                # What the lender reports back about a decision: did the borrower default, and when was it known.
+                "CREATE TABLE IF NOT EXISTS outcomes ("
+                f"decision_id {t['uuid']} PRIMARY KEY REFERENCES decisions (id) ON DELETE CASCADE,"
+                f" defaulted {t['bool']} NOT NULL, observed_at {t['time']} NOT NULL,"
+                f" recorded_at {t['time']} NOT NULL, recorded_by {t['text']})",
+            ]
+            for dialect, t in (
+                ("postgres", {"uuid": "uuid", "bool": "boolean", "time": "timestamptz", "text": "text"}),
+                ("sqlite", {"uuid": "TEXT", "bool": "INTEGER", "time": "TEXT", "text": "TEXT"}),
+            )
+        },
+    ),
 ]
 
 

@@ -33,6 +33,7 @@ from service.storage.base import (
 )
 from service.storage.schema import _NAMES, _checksum, _to_apply
 from service.storage.sqlite_models import SQLiteModelRecords
+from service.storage.sqlite_monitoring import SQLiteMonitoring
 
 T = TypeVar("T")
 
@@ -42,7 +43,7 @@ _SQLITE_INSERT = (
 )
 
 
-class SQLiteStore(SQLiteModelRecords):
+class SQLiteStore(SQLiteModelRecords, SQLiteMonitoring):
     """The embedded default: one connection, used only from one dedicated thread.
 
     sqlite3 calls block, so they run on that thread and the event loop only awaits
