@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.models.metadata import TrainingDistribution
-from service.monitoring import BandOutcomes, Ranking
+from service.monitoring import BandOutcomes, Ranking, WindowCounts
 
 OUTCOME_COLUMNS = "decision_id, defaulted, observed_at, recorded_at"
 # Inserted only if the decision exists; nothing when an outcome is already recorded.
@@ -85,6 +85,30 @@ def window_query(distribution: TrainingDistribution | None) -> WindowQuery:
                     params.append(value)
                 layout.append((name, len(bins.values or ()), False))
     return WindowQuery("SELECT " + ", ".join(columns) + WINDOW, params, layout)
+
+
+def window_counts(
+    row: Sequence[Any],
+    query: WindowQuery,
+    quantiles: tuple[dict[str, float | None], dict[str, float | None]],
+    back_test: tuple[Ranking | None, list[BandOutcomes]],
+) -> WindowCounts:
+    """The window query's row, with the quantiles and the back-test read beside it, as monitoring takes them."""
+    bins = read_bins(row, query.layout)
+    probability_bins = bins.pop("probability", None)
+    return WindowCounts(
+        count=int(row[0]),
+        approve=int(row[1] or 0),
+        decline=int(row[2] or 0),
+        refer=int(row[3] or 0),
+        mean_probability=None if row[4] is None else float(row[4]),
+        probability_quantiles=quantiles[0],
+        score_quantiles=quantiles[1],
+        probability_bins=probability_bins,
+        feature_bins=bins if query.layout else None,
+        ranking=back_test[0],
+        bands=back_test[1],
+    )
 
 
 def read_bins(row: Sequence[Any], layout: list[tuple[str, int, bool]]) -> dict[str, list[int]]:

@@ -81,29 +81,19 @@ class PostgresMonitoring:
             assert row is not None
             probability: list[Any] = [None, None]
             score: list[Any] = [None, None, None]
-            ranking: Ranking | None = None
-            bands: list[BandOutcomes] = []
+            back_test: tuple[Ranking | None, list[BandOutcomes]] = (None, [])
             if full:
                 quantiles = await (await conn.execute(_QUANTILES.format(p="%s"), window)).fetchone()
                 if quantiles is not None:
                     probability, score = quantiles[0] or probability, quantiles[1] or score
                 source = queries.PAIRED_WINDOW.format(p="%s")
                 ranked = queries.ranking_query("d.probability_of_default", source, bands=True)
-                ranking, bands = queries.ranking(await (await conn.execute(ranked, window)).fetchall())
-            bins = queries.read_bins(row, query.layout)
-            return WindowCounts(
-                count=int(row[0]),
-                approve=int(row[1] or 0),
-                decline=int(row[2] or 0),
-                refer=int(row[3] or 0),
-                mean_probability=None if row[4] is None else float(row[4]),
-                probability_quantiles=dict(zip(("p50", "p90"), probability, strict=True)),
-                score_quantiles=dict(zip(("p10", "p50", "p90"), score, strict=True)),
-                probability_bins=bins.pop("probability", None),
-                feature_bins=bins if distribution is not None else None,
-                ranking=ranking,
-                bands=bands,
+                back_test = queries.ranking(await (await conn.execute(ranked, window)).fetchall())
+            named = (
+                dict(zip(("p50", "p90"), probability, strict=True)),
+                dict(zip(("p10", "p50", "p90"), score, strict=True)),
             )
+            return queries.window_counts(row, query, named, back_test)
 
         result: WindowCounts = await self._run(read, MONITORING_TIMEOUT)
         return result

@@ -107,28 +107,14 @@ class SQLiteMonitoring:
             count = int(row[0])
             probability: dict[str, float | None] = {"p50": None, "p90": None}
             score: dict[str, float | None] = {"p10": None, "p50": None, "p90": None}
-            ranking: Ranking | None = None
-            bands: list[BandOutcomes] = []
+            back_test: tuple[Ranking | None, list[BandOutcomes]] = (None, [])
             if full:
                 probability = _quantiles(conn, "probability_of_default", {"p50": 0.5, "p90": 0.9}, count, window)
                 score = _quantiles(conn, "score", {"p10": 0.1, "p50": 0.5, "p90": 0.9}, count, window)
                 source = queries.PAIRED_WINDOW.format(p="?")
                 ranked = queries.ranking_query("d.probability_of_default", source, bands=True)
-                ranking, bands = queries.ranking(conn.execute(ranked, window).fetchall())
-            bins = queries.read_bins(row, query.layout)
-            return WindowCounts(
-                count=count,
-                approve=int(row[1] or 0),
-                decline=int(row[2] or 0),
-                refer=int(row[3] or 0),
-                mean_probability=None if row[4] is None else float(row[4]),
-                probability_quantiles=probability,
-                score_quantiles=score,
-                probability_bins=bins.pop("probability", None),
-                feature_bins=bins if distribution is not None else None,
-                ranking=ranking,
-                bands=bands,
-            )
+                back_test = queries.ranking(conn.execute(ranked, window).fetchall())
+            return queries.window_counts(row, query, (probability, score), back_test)
 
         result: WindowCounts = await self._run(read)
         return result
