@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run migrate test chaos lint train bench clean
+.PHONY: run migrate test chaos lint train report bench bench-monitoring clean
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ train: $(BIN)/.installed
 	$(BIN)/python -m service.training --registry artifacts/models --kind $(or $(KIND),logistic) \
 		$(if $(SEED),--seed $(SEED)) $(if $(VERSION),--version $(VERSION))
 
+## report: an HTML model report (plots embedded) from the configured database: var/model-report.html (REPORT_ARGS: --since, --until, --model-version, --output)
+report: $(BIN)/.installed
+	$(BIN)/python -m service.report $(REPORT_ARGS)
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
 
@@ -47,3 +51,7 @@ clean:
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.challenger
+
+## bench-monitoring: GET /monitoring on 10 thousand, 100 thousand and 1 million decisions (about 2 minutes)
+bench-monitoring: $(BIN)/.installed
+	$(BIN)/python -m bench.monitoring

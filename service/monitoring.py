@@ -26,6 +26,8 @@ EMPTY_BIN_SHARE = 0.0001
 WATCH_FROM = 0.10
 ACT_FROM = 0.25
 DECILES = tuple(i / 10 for i in range(1, 10))
+# The window when none is given: the last day.
+DEFAULT_WINDOW = dt.timedelta(hours=24)
 
 
 def decile_edges(values: Sequence[float]) -> list[float]:

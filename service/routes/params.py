@@ -7,8 +7,7 @@ import datetime as dt
 from starlette.requests import Request
 
 from service.errors import BadRequest
-
-DEFAULT_WINDOW = dt.timedelta(hours=24)
+from service.monitoring import DEFAULT_WINDOW
 
 
 def timestamp(request: Request, name: str) -> dt.datetime | None:
