@@ -36,6 +36,7 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results import replace_section  # noqa: E402
 from bench.run import ADMIN_URL, REDIS_URL, Sample, Server, ensure_wrk, flush_prefix, lua_post, wrk  # noqa: E402
 from service import dataset, training  # noqa: E402
 
@@ -171,10 +172,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     table = render(samples, counts, memory, args)
     print(table, flush=True)
-    results = ROOT / "bench" / "RESULTS.md"
-    text = results.read_text() if results.exists() else "# Benchmark results\n"
-    marker = "\n\n## A boosting challenger's cost"
-    results.write_text(text.split(marker)[0].rstrip() + marker + table.split("## A boosting challenger's cost", 1)[1])
+    replace_section(table)
 
 
 def render(

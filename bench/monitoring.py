@@ -28,6 +28,7 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results import replace_section  # noqa: E402
 from bench.run import ADMIN_URL, Server  # noqa: E402
 from service import dataset  # noqa: E402
 
@@ -117,12 +118,7 @@ def main() -> None:
         ]
     )
     print(table)
-    results = ROOT / "bench" / "RESULTS.md"
-    text = results.read_text() if results.exists() else "# Benchmark results\n"
-    marker = "\n\n## GET /monitoring on a growing table"
-    head, _, tail = text.partition(marker)
-    rest = tail.partition("\n\n## ")[2]
-    results.write_text(head.rstrip() + "\n\n" + table + ("\n\n## " + rest if rest else "\n"))
+    replace_section(table)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results import replace_head  # noqa: E402
 from service import dataset  # noqa: E402
 
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -393,7 +394,8 @@ psycopg_pool {psycopg_pool.__version__}, redis-py {redis.__version__}, scikit-le
 PostgreSQL {pg_version}, Redis {redis_version}.
 
 """
-    (ROOT / "bench" / "RESULTS.md").write_text(header + "\n\n".join(tables) + "\n")
+    # Sections the other bench scripts wrote (## ...) stay.
+    replace_head(header + "\n\n".join(tables))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`make report`: a self-contained HTML model report from the configured database.
 
     python -m service.report [--since T] [--until T] [--model-version V] [--output var/model-report.html]
+                             [--images DIR]
 
 Reads what GET /monitoring reads (the same aggregate queries, so the report and
 the API agree), plus the ROC curve by thousandths of probability and the
@@ -48,11 +49,11 @@ class ReportError(Exception):
     """The report cannot be made (no such version, nothing assigned); the message says why."""
 
 
-def _png(figure: Figure) -> str:
+def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
 
 
 def roc_figure(points: list[tuple[int, int, int]], auc: float | None) -> Figure:
@@ -155,8 +156,13 @@ def _text(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
-def _image(data: str, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+def _image(figure: Figure, alt: str, images: Path | None) -> str:
+    """The figure embedded as a PNG data URI; also written to `images`/<alt>.png when asked."""
+    png = _png(figure)
+    if images is not None:
+        images.mkdir(parents=True, exist_ok=True)
+        (images / (alt.replace(" ", "-") + ".png")).write_bytes(png)
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 STYLE = """
@@ -167,7 +173,9 @@ th { text-align: left; background: #f5f5f5; } img { max-width: 100%; } .note { c
 """
 
 
-async def gather(settings: Settings, since: dt.datetime, until: dt.datetime, version: str | None) -> str:
+async def gather(
+    settings: Settings, since: dt.datetime, until: dt.datetime, version: str | None, images: Path | None = None
+) -> str:
     """Read the figures from the configured database and render the report's HTML."""
     store = await storage.open_store(settings, "credit-scoring-report")
     try:
@@ -187,7 +195,7 @@ async def gather(settings: Settings, since: dt.datetime, until: dt.datetime, ver
             comparison = await store.compare(version, assignment.challenger.version, since, until)
     finally:
         await store.close()
-    return render(metadata, report, counts, points, comparison)
+    return render(metadata, report, counts, points, comparison, images)
 
 
 def render(
@@ -196,6 +204,7 @@ def render(
     counts: monitoring.WindowCounts,
     points: list[tuple[int, int, int]],
     comparison: Comparison | None,
+    images: Path | None = None,
 ) -> str:
     window = f"{report.window['since']:%Y-%m-%d %H:%M} to {report.window['until']:%Y-%m-%d %H:%M} UTC"
     parts = [
@@ -216,8 +225,8 @@ def render(
             ]
         ),
         "<h2>Population stability</h2>",
-        _image(_png(distribution_figure(metadata, counts.probability_bins, report)), "probability by decile"),
-        _image(_png(psi_figure(report)), "PSI per feature"),
+        _image(distribution_figure(metadata, counts.probability_bins, report), "probability by decile", images),
+        _image(psi_figure(report), "PSI per feature", images),
         "<h2>Back-testing</h2>",
     ]
     outcomes = report.outcomes
@@ -237,8 +246,8 @@ def render(
                     ("KS", outcomes["ks"]),
                 ]
             ),
-            _image(_png(roc_figure(points, outcomes["roc_auc"])), "ROC curve"),
-            _image(_png(calibration_figure(outcomes["by_band"])), "calibration by band"),
+            _image(roc_figure(points, outcomes["roc_auc"]), "ROC curve", images),
+            _image(calibration_figure(outcomes["by_band"]), "calibration by band", images),
         ]
     parts.append("<h2>Challenger</h2>")
     if comparison is None or comparison.count == 0:
@@ -254,7 +263,7 @@ def render(
                     ("score correlation", comparison.score_correlation),
                 ]
             ),
-            _image(_png(comparison_figure(comparison)), "champion against challenger"),
+            _image(comparison_figure(comparison), "champion against challenger", images),
         ]
     body = "\n".join(parts)
     title = f"Model report {html.escape(metadata.version)}"
@@ -275,13 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--until", type=_time, help="ISO 8601 (default: now)")
     parser.add_argument("--model-version", help="default: the champion")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--images", type=Path, help="also write each plot as a PNG file into this folder")
     args = parser.parse_args(argv)
     logs.configure()
     until = args.until or dt.datetime.now(dt.UTC)
     since = args.since or until - monitoring.DEFAULT_WINDOW
     try:
         settings = Settings.from_env()
-        page = asyncio.run(gather(settings, since, until, args.model_version))
+        page = asyncio.run(gather(settings, since, until, args.model_version, args.images))
     except (ConfigError, StoreUnavailable, ModelError, ReportError) as exc:
         logger.error("No report: %s", exc)
         return 1

@@ -55,7 +55,7 @@ def test_report_draws_every_figure_from_the_database(
             assert dt.datetime.now() < deadline
         monitored = client.get("/monitoring").json()
     output = tmp_path / "out" / "report.html"
-    assert report.main(["--output", str(output)]) == 0
+    assert report.main(["--output", str(output), "--images", str(tmp_path / "images")]) == 0
     page = output.read_text()
     drawn = images(page)
     assert set(drawn) == {
@@ -66,6 +66,10 @@ def test_report_draws_every_figure_from_the_database(
         "champion against challenger",
     }
     assert all(png.startswith(PNG) and len(png) > 10_000 for png in drawn.values())
+    # The same pictures as files, for a wiki or a slide.
+    assert {p.name: p.read_bytes() for p in (tmp_path / "images").iterdir()} == {
+        alt.replace(" ", "-") + ".png": png for alt, png in drawn.items()
+    }
     # Self-contained: nothing to fetch.
     assert "http://" not in page.replace("http://www.w3.org", "") and "<script" not in page
     assert f"Model report: {versions.shipped}" in page
