@@ -36,13 +36,36 @@ class Coalescer(Generic[T, R]):
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         # Strong references: the event loop keeps only weak ones to tasks.
         self._workers: set[asyncio.Task[None]] = set()
+        # Calls run by their caller's own task (see submit): they count against max_in_flight too.
+        self._inline = 0
 
     async def submit(self, item: T) -> R:
+        if not self._queue and not self._workers and not self._inline:
+            # Nothing in flight, nobody waiting: no group to form. The caller runs its
+            # call itself, sparing the queue, a worker task and a future: what a request
+            # costs below saturation. Others arriving meanwhile queue for the next call.
+            return await self._run_inline(item)
         waiter: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, waiter))
-        if len(self._workers) < self._max_in_flight:
+        if len(self._workers) + self._inline < self._max_in_flight:
             self._start_worker()
         return await waiter
+
+    async def _run_inline(self, item: T) -> R:
+        self._inline += 1
+        try:
+            answers = await self._run([item])
+            if len(answers) != 1:
+                raise RuntimeError(f"{len(answers)} answers for 1 item")
+            return answers[0]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise self._error(exc) from exc
+        finally:
+            self._inline -= 1
+            if self._queue and len(self._workers) + self._inline < self._max_in_flight:
+                self._start_worker()
 
     def _start_worker(self) -> None:
         # A fresh context: a worker serves many requests, so its log lines must not
@@ -76,5 +99,5 @@ class Coalescer(Generic[T, R]):
             current = asyncio.current_task()
             if current is not None:
                 self._workers.discard(current)
-            if self._queue and len(self._workers) < self._max_in_flight:
+            if self._queue and len(self._workers) + self._inline < self._max_in_flight:
                 self._start_worker()  # left early (cancelled): the queue still needs a worker

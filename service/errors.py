@@ -15,6 +15,7 @@
     │   ├── IdempotencyKeyReused    422  same Idempotency-Key, other body
     │   └── ModelRefused            422  a model version that cannot be loaded or cannot take that role
     └── ServiceUnavailable          503  system of record unreachable, or shutting down
+        └── AtCapacity              503  too many requests in progress in this worker
 
 Storage failures are StoreUnavailable (a ServiceUnavailable). ClientGone is a
 client that hung up mid-request: there is no one left to answer.
@@ -149,6 +150,18 @@ class ServiceUnavailable(ServiceError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(RETRY_AFTER_SECONDS)}
+
+
+class AtCapacity(ServiceUnavailable):
+    """This worker is serving as many requests as it admits; the client should retry shortly."""
+
+    title, slug = "At capacity", "at-capacity"
+
+    def __init__(self) -> None:
+        super().__init__("This worker is serving as many requests as it admits at once; retry in a moment.")
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class StoreUnavailable(ServiceUnavailable):

@@ -48,7 +48,11 @@ probability = Histogram(
     "Probability of default of committed decisions: a shift here is drift.",
     buckets=PROBABILITY_BUCKETS,
 )
+requests_shed = Counter("requests_shed", "Requests refused at once (503) because the worker was at capacity.")
 store_errors = Counter("store_errors", "Calls to the system of record that failed (answered 503).")
+store_fast_failures = Counter(
+    "store_fast_failures", "Calls answered 503 at once because the system of record is known to be down."
+)
 cache_errors = Counter("cache_errors", "Cache calls that failed (the request went on without the cache).")
 cache_hits = Counter("cache_hits", "Decision lookups answered from the cache.")
 cache_misses = Counter("cache_misses", "Decision lookups the cache could not answer.")

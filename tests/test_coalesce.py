@@ -52,10 +52,12 @@ async def test_a_failed_call_fails_only_its_own_items_each_with_its_own_exceptio
     coalescer = Coalescer(run, max_items=5, max_in_flight=1, error=lambda exc: RuntimeError(str(exc)))
     results = await asyncio.gather(*(coalescer.submit(i) for i in range(10)), return_exceptions=True)
     failed = [r for r in results if isinstance(r, Exception)]
-    # Items 0..4 went in one call (the first worker takes what is queued, 5 at most) and failed together.
+    # Item 0 found nothing in flight and ran alone; items 1..5 then went in one call
+    # (a worker takes what is queued, 5 at most) and failed together; 6..9 went next.
+    assert run.calls[:2] == [[0], [1, 2, 3, 4, 5]]
     assert all(isinstance(r, RuntimeError) and str(r) == "failed on 3" for r in failed)
     assert len(failed) == 5 and len({id(r) for r in failed}) == 5
-    assert results[5:] == [10, 12, 14, 16, 18]
+    assert results[0] == 0 and results[6:] == [12, 14, 16, 18]
 
 
 async def test_a_cancelled_caller_leaves_the_others_answered() -> None:
@@ -89,20 +91,40 @@ async def test_a_caller_that_submits_again_as_soon_as_it_is_answered_is_served()
 
 async def test_a_cancelled_worker_cancels_its_callers_and_the_queue_is_still_served() -> None:
     started = asyncio.Event()
+    release = asyncio.Event()
 
     async def stuck(items: list[int]) -> list[int]:
+        if 100 in items:  # the lone first call, run by its caller: it holds one place in flight
+            await release.wait()
         if 0 in items:
             started.set()
             await asyncio.sleep(3600)
         return items
 
-    coalescer = Coalescer(stuck, max_items=1, max_in_flight=1)
-    first = asyncio.ensure_future(coalescer.submit(0))
+    coalescer = Coalescer(stuck, max_items=1, max_in_flight=2)
+    lone = asyncio.ensure_future(coalescer.submit(100))
+    await asyncio.sleep(0)
+    first = asyncio.ensure_future(coalescer.submit(0))  # queued: a worker takes it
     await started.wait()
-    second = asyncio.ensure_future(coalescer.submit(7))
+    second = asyncio.ensure_future(coalescer.submit(7))  # queued behind it: two calls are in flight
     await asyncio.sleep(0)
     (worker,) = coalescer._workers
     worker.cancel()
     done, _ = await asyncio.wait([first], timeout=2)
     assert done and first.cancelled()  # not left waiting forever
     assert await asyncio.wait_for(second, 2) == 7
+    release.set()
+    assert await lone == 100
+
+
+async def test_a_lone_item_runs_in_its_callers_task_and_counts_as_in_flight() -> None:
+    run = Recorder()
+    coalescer = Coalescer(run, max_items=10, max_in_flight=2)
+    tasks_before = len(asyncio.all_tasks())
+    first = asyncio.ensure_future(coalescer.submit(1))
+    await asyncio.sleep(0)  # the first is in its call, run by its own task: no worker was started
+    assert len(asyncio.all_tasks()) == tasks_before + 1 and run.in_flight == 1
+    rest = [asyncio.ensure_future(coalescer.submit(i)) for i in range(2, 12)]
+    assert await first == 2 and await asyncio.gather(*rest) == [2 * i for i in range(2, 12)]
+    # The lone call counted against max_in_flight: never more than two calls at once.
+    assert run.most_in_flight == 2 and run.calls[0] == [1]

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from service.models.policy import scorecard_points
 from service.schemas import Applicant
 from service.settings import Settings
-from tests.conftest import count_rows
+from tests.conftest import count_rows, wait_until
 
 PROBLEM = "application/problem+json"
 
@@ -283,7 +283,9 @@ def _evict(client: TestClient, settings: Settings, decision_id: str) -> None:
         import redis
 
         r = redis.Redis.from_url(settings.redis_url)
-        assert r.delete(f"{settings.redis_key_prefix}decision:{decision_id}") == 1
+        # Cache writes are flushed off the response path, a few milliseconds later.
+        key = f"{settings.redis_key_prefix}decision:{decision_id}"
+        assert wait_until(lambda: r.delete(key) == 1, timeout=2)
         r.close()
     else:
         del cache._entries[uuid.UUID(decision_id)]

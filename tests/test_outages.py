@@ -31,13 +31,17 @@ def test_postgres_outage_answers_503_then_recovers(proxied: tuple[TcpProxy, str]
         created = client.post("/decisions", json=applicant)
         assert created.status_code == 201
         proxy.cut()
-        for _ in range(3):
+        took = []
+        for _ in range(50):
             started = time.monotonic()
             response = client.post("/decisions", json=applicant)
+            took.append(time.monotonic() - started)
             assert response.status_code == 503
             assert response.headers["content-type"] == "application/problem+json"
             assert response.headers["retry-after"]
-            assert time.monotonic() - started < 3
+        assert took[0] < 3
+        # Once the service has seen the database fail, the next requests do not wait for it.
+        assert sorted(took[1:])[int(0.99 * len(took[1:]))] < 0.05, took
         # Lookups that miss the cache need the store too.
         assert client.get("/decisions/00000000-0000-4000-8000-000000000000").status_code == 503
         # The cached decision is still served.
@@ -45,11 +49,15 @@ def test_postgres_outage_answers_503_then_recovers(proxied: tuple[TcpProxy, str]
         assert client.get("/health/ready").status_code == 503
         assert client.get("/health/live").status_code == 200
         proxy.restore()
-        deadline = time.monotonic() + 10
-        while (status := client.post("/decisions", json=applicant).status_code) != 201 and time.monotonic() < deadline:
+        restored = time.monotonic()
+        while (
+            status := client.post("/decisions", json=applicant).status_code
+        ) != 201 and time.monotonic() - restored < 10:
             assert status == 503
-            time.sleep(0.2)
+            time.sleep(0.02)
         assert status == 201
+        # One probe at a time, every half second, finds it back.
+        assert time.monotonic() - restored < 2.0
         assert client.get("/health/ready").status_code == 200
 
 
@@ -67,8 +75,22 @@ def test_postgres_that_stops_answering_gives_503_in_bounded_time(
         assert response.headers["retry-after"]
         # The whole call is bounded (2 x DATABASE_REQUEST_TIMEOUT), not just the pool wait.
         assert time.monotonic() - started < 3.5
+        # Later ones fail fast: the probe, not every request, waits for the frozen database.
+        took = []
+        for _ in range(30):
+            started = time.monotonic()
+            assert client.post("/decisions", json=applicant).status_code == 503
+            took.append(time.monotonic() - started)
+        assert max(took) < 0.05, took
+        ready = time.monotonic()
         assert client.get("/health/ready").status_code == 503
+        assert time.monotonic() - ready < 0.05
         proxy.restore()
+        restored = time.monotonic()
+        while client.post("/decisions", json=applicant).status_code != 201:
+            assert time.monotonic() - restored < 3.0
+            time.sleep(0.02)
+        print(f"back {time.monotonic() - restored:.2f} s after the frozen database answered again")
 
 
 @pytest.fixture

@@ -38,13 +38,15 @@ def _settings_step(configured: Settings | None) -> Step:
         state.settings = settings
         state.api_keys = KeyRing(tuple((derived_key_id(k), k) for k in settings.api_keys))
         state.admin_keys = KeyRing(settings.admin_keys)
+        state.max_concurrent_requests = settings.max_concurrent_requests
         state.shutting_down = False
         state.shutdown_began = None
         state.idempotency_in_flight = set()
         auth = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "no API keys (open)"
         admin = f"{len(settings.admin_keys)} admin key(s)" if settings.admin_keys else "admin endpoints off"
         refer = "referral band [{:g}, {:g})".format(*settings.refer_band) if settings.refer_band else "no referral band"
-        return f"read configuration: log {settings.log_level}/{settings.log_format}, {auth}, {admin}, {refer}"
+        admits = f"admits {settings.max_concurrent_requests} requests at once"
+        return f"read configuration: log {settings.log_level}/{settings.log_format}, {auth}, {admin}, {refer}, {admits}"
 
     return Step("settings", start)
 

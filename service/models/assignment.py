@@ -41,6 +41,8 @@ TICK_SECONDS = 5.0
 REPORT_SECONDS = 15.0
 # A revision this worker failed to load is retried this often, not on every tick.
 RETRY_FAILED_SECONDS = 60.0
+# An assignment the store could not give is asked for again this often.
+RETRY_READ_SECONDS = 0.5
 
 
 def worker_id() -> str:
@@ -348,8 +350,10 @@ class AssignmentWatcher:
         async with contextlib.aclosing(self.source.assignment_revisions(TICK_SECONDS, self._stop)) as revisions:
             async for revision in revisions:
                 try:
-                    if self.manager.wants(revision):
-                        await self.follow()
+                    # The store failing now (an outage, or the breaker after one): ask again soon, not at the next tick.
+                    while self.manager.wants(revision) and not await self.follow() and not self._stop.is_set():
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._stop.wait(), RETRY_READ_SECONDS)
                     if time.monotonic() - self._reported_at >= REPORT_SECONDS:
                         await self.report()
                 except Exception:  # a bug must not end the following: log it whole, and go on at the next tick
@@ -363,8 +367,8 @@ class AssignmentWatcher:
             task.cancel()
             await asyncio.wait({task}, timeout=grace)
 
-    async def follow(self, force: bool = False) -> None:
-        """Serve the newest stored assignment (the store down: the next tick tries again)."""
+    async def follow(self, force: bool = False) -> bool:
+        """Serve the newest stored assignment; False when the store could not be read."""
         try:
             await self.manager.refresh(self.source.read_assignment, force=force)
         except ModelError as exc:
@@ -374,10 +378,11 @@ class AssignmentWatcher:
                 _describe(self.manager.current),
                 exc,
             )
-        except Exception as exc:  # the store did not answer: said once per attempt, retried at the next tick
+        except Exception as exc:  # the store did not answer
             logger.warning("Could not read the model assignment (%s: %s); will retry", type(exc).__name__, exc)
-            return
+            return False
         await self.report()
+        return True
 
     async def rescan(self) -> None:
         """SIGHUP: re-read the registry on disk and the stored assignment, and reload both models."""

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -34,6 +36,7 @@ from service.storage.base import (
     _existing_batch,
     _row,
 )
+from service.storage.outage import Outage
 from service.storage.postgres_models import PostgresModelRecords
 from service.storage.postgres_monitoring import PostgresMonitoring
 from service.storage.schema import _COLUMNS, _NAMES, _PG_TYPES, _SPECIAL, MIGRATION_LOCK_ID, _checksum, _to_apply
@@ -85,6 +88,10 @@ async def _insert_group(conn: psycopg.AsyncConnection[Any], *, records: Sequence
     """Insert the records in one transaction; for each, None, or the record already under its key."""
     keyed = [i for i, r in enumerate(records) if r.idempotency_key is not None]
     outcomes: list[Existing | None] = [None] * len(records)
+    if len(records) == 1:
+        # A request that did not have to wait for others (the common case below
+        # saturation): one INSERT, one round trip, autocommitted.
+        return [await _insert_one(conn, records[0])]
     if not keyed:
         # The common case under load: one COPY, which on an autocommit connection is
         # its own transaction (all rows or none) without BEGIN and COMMIT round trips.
@@ -115,6 +122,41 @@ async def _insert_group(conn: psycopg.AsyncConnection[Any], *, records: Sequence
     return outcomes
 
 
+async def _check_writable(conn: psycopg.AsyncConnection[Any]) -> None:
+    cur = await conn.execute("SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'")
+    row = await cur.fetchone()
+    # A standby (or a read-only database after a failover) answers, but cannot record.
+    if row is None or row[0]:
+        raise StoreUnavailable("The system of record is read-only.")
+
+
+async def _insert_one(conn: psycopg.AsyncConnection[Any], record: Record) -> Existing | None:
+    """One record in one statement; the record already under its key, if it is taken."""
+    if record.idempotency_key is None:
+        await conn.execute(_PG_INSERT, _row(record, "postgres"))
+        return None
+    cur = await conn.execute(_PG_INSERT + " RETURNING id", _row(record, "postgres"))
+    if await cur.fetchone() is not None:
+        return None
+    cur = await conn.execute(_SELECT + " WHERE idempotency_key = %s", (record.idempotency_key,))
+    row = await cur.fetchone()
+    if row is None:  # pragma: no cover - a conflict implies the row exists
+        raise StoreUnavailable("The idempotency record vanished; retry the request.")
+    return _decision(row)
+
+
+# A connection used this recently is taken as alive; one idle longer (a restart may have cut it) is checked with an
+# empty query before it is lent. Checking every connection cost a round trip per group.
+CHECK_IF_IDLE_SECONDS = 2.0
+_last_used: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = weakref.WeakKeyDictionary()
+
+
+async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
+    last = _last_used.get(conn)
+    if last is None or time.monotonic() - last > CHECK_IF_IDLE_SECONDS:
+        await psycopg_pool.AsyncConnectionPool.check_connection(conn)
+
+
 class PostgresStore(PostgresModelRecords, PostgresMonitoring):
     def __init__(
         self,
@@ -124,6 +166,7 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring):
         connection_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self._pool = pool
+        self._outage = Outage(self._probe)
         self._url = url
         # The session that LISTENs for assignment changes is opened like a pooled one.
         self._listen_kwargs = dict(connection_kwargs or {"autocommit": True})
@@ -163,9 +206,9 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring):
             max_size=pool_size,
             open=False,
             timeout=request_timeout,
-            # Verifies each connection before handing it out, so a connection broken
-            # by a database restart is replaced instead of failing a request.
-            check=psycopg_pool.AsyncConnectionPool.check_connection,
+            # Verifies a connection idle for a while before handing it out, so a
+            # connection broken by a database restart is replaced instead of failing a request.
+            check=_check_if_idle,
             kwargs=kwargs,
             name="decisions",
         )
@@ -189,12 +232,16 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring):
         # The call runs as its own task because cancelling psycopg mid-query makes it
         # send the server a cancel request and wait for that too; we answer at the
         # deadline and let that clean-up finish in the background.
+        # Once a call has seen the database fail, the next ones answer at once while a probe asks it.
+        self._outage.check()
         task = asyncio.ensure_future(self._on_connection(action))
         try:
             return await asyncio.wait_for(asyncio.shield(task), limit or self._request_timeout * 2)
         except TimeoutError:
             abandon(task)
             metrics.count(metrics.store_errors)
+            if limit is None:  # a request's bound, not an analyst's long query
+                self._outage.began("it did not answer in time")
             raise StoreUnavailable("The system of record did not answer in time.") from None
         except asyncio.CancelledError:
             abandon(task)
@@ -203,11 +250,20 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring):
             raise
         except psycopg.Error as exc:  # connection lost, read-only after failover, admin shutdown...
             metrics.count(metrics.store_errors)
+            self._outage.began(type(exc).__name__)
             raise StoreUnavailable(f"The system of record is unavailable: {type(exc).__name__}.") from exc
+
+    async def _probe(self) -> None:
+        """Whether the database is back: every idle pooled connection checked (the broken ones replaced), then a
+        query on one of them that says the database can record."""
+        await self._pool.check()
+        await self._on_connection(_check_writable)
 
     async def _on_connection(self, action: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         async with self._pool.connection(timeout=self._request_timeout) as conn:
-            return await action(conn)
+            result = await action(conn)
+            _last_used[conn] = time.monotonic()
+            return result
 
     async def migrate(self) -> list[int]:
         async def apply(conn: psycopg.AsyncConnection[Any]) -> list[int]:
@@ -282,16 +338,10 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring):
         return await self._run(select)
 
     async def ping(self) -> None:
-        async def ping(conn: psycopg.AsyncConnection[Any]) -> None:
-            cur = await conn.execute("SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'")
-            row = await cur.fetchone()
-            # A standby (or a read-only database after a failover) answers, but cannot record.
-            if row is None or row[0]:
-                raise StoreUnavailable("The system of record is read-only.")
-
-        await self._run(ping)
+        await self._run(_check_writable)
 
     async def close(self) -> None:
+        await self._outage.close()
         await self._pool.close(timeout=5.0)
 
     @property

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.chaos.servers import PrivatePostgres, PrivateRedis
 from tests.conftest import REQUIRE_SERVICES
+from tests.procfile import Service, service_environment
 
 LONG = os.environ.get("CHAOS", "").lower() == "long"
+SHUTDOWN_TIMEOUT = 10
 RESULTS = Path(__file__).resolve().parents[2] / "var" / "chaos-results.md"
 
 
@@ -67,6 +71,20 @@ HEADER = [
     "max shutdown s",
 ]
 ROWS: list[Row] = []
+# test_pressure.py's rows: latency during outages and overload.
+PRESSURE_ROWS: list = []  # list[PressureRow]; typed loosely to keep this module free of the test modules
+PRESSURE_HEADER = [
+    "scenario",
+    "2xx",
+    "503",
+    "2xx p99 ms",
+    "503 p50 ms",
+    "503 p99 ms (after the first)",
+    "first 503 s",
+    "back s after the database",
+    "peak RSS MiB",
+    "lost",
+]
 
 
 @pytest.fixture(scope="package")
@@ -86,16 +104,47 @@ def servers() -> Iterator[tuple[PrivatePostgres, PrivateRedis]]:
         pg.close()
 
 
-def table() -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row.cells()) + " |" for row in ROWS]
+def table(header: list[str], rows: list[Any]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not ROWS:
+    if not ROWS and not PRESSURE_ROWS:
         return
     terminalreporter.section(f"chaos suite ({'long' if LONG else 'short'})")
-    terminalreporter.write_line(table())
+    tables = []
+    if ROWS:
+        tables.append(table(HEADER, ROWS))
+    if PRESSURE_ROWS:
+        tables.append(table(PRESSURE_HEADER, PRESSURE_ROWS))
+    for text in tables:
+        terminalreporter.write_line(text)
+        terminalreporter.write_line("")
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(table() + "\n")
+    RESULTS.write_text("\n\n".join(tables) + "\n")
+
+
+@pytest.fixture
+def env(servers: tuple[PrivatePostgres, PrivateRedis]) -> dict[str, str]:
+    pg, redis_server = servers
+    return service_environment(
+        pg.url(),
+        redis_server.url,
+        REDIS_KEY_PREFIX=f"chaos-{uuid.uuid4().hex[:8]}:",
+        SHUTDOWN_TIMEOUT=str(SHUTDOWN_TIMEOUT),
+        # Outages should turn into 503s quickly, not after the 3 s default.
+        DATABASE_REQUEST_TIMEOUT="1",
+    )
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[list[Service]]:
+    """Every service a scenario starts; any still running at the end is killed."""
+    started: list[Service] = []
+    yield started
+    for service in started:
+        if service.process.poll() is None:
+            service.process.kill()
+            service.process.wait()

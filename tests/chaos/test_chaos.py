@@ -12,17 +12,16 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.chaos.conftest import LONG, ROWS, Row
+from tests.chaos.conftest import LONG, ROWS, SHUTDOWN_TIMEOUT, Row
 from tests.chaos.load import Load, LoadResult, read_all
 from tests.chaos.servers import PrivatePostgres, PrivateRedis
 from tests.conftest import wait_until
-from tests.procfile import Service, service_environment
+from tests.procfile import Service
 
 pytestmark = pytest.mark.chaos
 
@@ -30,34 +29,9 @@ CLIENTS = 32
 LOAD_SECONDS = 10.0 if LONG else 2.0
 CYCLES = 10
 CYCLE_LOAD_SECONDS = 3.0 if LONG else 0.8
-SHUTDOWN_TIMEOUT = 10
 CLEAN_EXIT = (0, -signal.SIGTERM, 128 + signal.SIGTERM)
 
 Servers = tuple[PrivatePostgres, PrivateRedis]
-
-
-@pytest.fixture
-def env(servers: Servers) -> dict[str, str]:
-    pg, redis_server = servers
-    return service_environment(
-        pg.url(),
-        redis_server.url,
-        REDIS_KEY_PREFIX=f"chaos-{uuid.uuid4().hex[:8]}:",
-        SHUTDOWN_TIMEOUT=str(SHUTDOWN_TIMEOUT),
-        # Outages should turn into 503s quickly, not after the 3 s default.
-        DATABASE_REQUEST_TIMEOUT="1",
-    )
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[list[Service]]:
-    """Every service a scenario starts; any still running at the end is killed."""
-    started: list[Service] = []
-    yield started
-    for service in started:
-        if service.process.poll() is None:
-            service.process.kill()
-            service.process.wait()
 
 
 def start(services: list[Service], env: dict[str, str], tmp_path: Path) -> Service:
