@@ -47,10 +47,11 @@ report: $(BIN)/.installed
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
 
-## bench: wrk against the service and a decode-only ceiling, then a boosting challenger's cost; writes bench/RESULTS.md
+## bench: wrk against the service and a decode-only ceiling (saturated), a boosting challenger's cost, latency at a fixed load, an outage, overload; writes bench/RESULTS.md
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.challenger
+	$(BIN)/python -m bench.latency
 
 ## bench-monitoring: GET /monitoring on 10 thousand, 100 thousand and 1 million decisions (about 2 minutes)
 bench-monitoring: $(BIN)/.installed

@@ -132,7 +132,18 @@ class Server:
 
 def wrk(binary: str, url: str, script: Path, connections: int, seconds: float, *script_args: str) -> Sample:
     out = subprocess.run(
-        [binary, "-t2", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url, "--", *script_args],
+        [
+            binary,
+            f"-t{min(2, connections)}",
+            f"-c{connections}",
+            f"-d{seconds:g}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+            "--",
+            *script_args,
+        ],
         check=True,
         capture_output=True,
         text=True,

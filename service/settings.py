@@ -78,7 +78,7 @@ class Settings:
     redis_key_prefix: str = ""
     cache_ttl: int = 86_400
     # Requests one worker serves at once; more are answered 503 at once (admission control).
-    max_concurrent_requests: int = 128
+    max_concurrent_requests: int = 64
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -105,7 +105,7 @@ class Settings:
             redis_pool_size=_int(env, "REDIS_POOL_SIZE", 10, minimum=1, maximum=1000),
             redis_key_prefix=env.get("REDIS_KEY_PREFIX", ""),
             cache_ttl=_int(env, "CACHE_TTL", 86_400, minimum=1, maximum=10 * 365 * 86_400),
-            max_concurrent_requests=_int(env, "MAX_CONCURRENT_REQUESTS", 128, minimum=1, maximum=100_000),
+            max_concurrent_requests=_int(env, "MAX_CONCURRENT_REQUESTS", 64, minimum=1, maximum=100_000),
         )
 
 

@@ -237,5 +237,5 @@ def test_a_thousand_connections_get_answers_or_fast_refusals(
     assert row.p99_503_ms is not None and row.p99_503_ms <= 1000 * FAST_503_SECONDS, row
     assert row.peak_rss_mib is not None and row.peak_rss_mib < 200, row
     log = service.log()
-    assert "At capacity (128 requests in progress)" in log
+    assert "At capacity (64 requests in progress)" in log
     assert "Traceback" not in log

@@ -1,0 +1,203 @@
+"""`make bench` (third part): latency at a fixed offered load, an outage, and overload, against the ceiling.
+
+wrk at saturation measures throughput; what a lender feels is latency at the load
+it actually sends. This starts the service (one worker, PostgreSQL through a TCP
+proxy the script can cut, Redis) and the decode-only ceiling with the same uvicorn
+flags, and measures, alternating between the two, 3 runs each (medians):
+
+- idle: one connection, a request every 10 ms;
+- 500 and 1,000 requests a second offered over 32 connections (wrk, each
+  connection pausing between requests);
+
+then, on the service alone: a PostgreSQL outage (503 latency after the first, and
+the time back once it answers again) for a stopped and for a frozen database, and
+1,000 connections posting as fast as they are answered (2xx and 503 apart).
+Prints the tables and writes them into bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psycopg
+import uvloop
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.overload import Load as Overload  # noqa: E402
+from bench.results import replace_section  # noqa: E402
+from bench.run import ADMIN_URL, REDIS_URL, Sample, Server, ensure_wrk, flush_prefix, lua_post, wrk  # noqa: E402
+from service import dataset  # noqa: E402
+from tests.tcpproxy import TcpProxy  # noqa: E402
+
+RUNS = 3
+LOADS = (
+    ("idle: 1 connection, every 10 ms", 1, 10.0),
+    ("500 req/s, 32 connections", 32, 500.0),
+    ("1,000 req/s, 32 connections", 32, 1000.0),
+)
+
+
+def paced(script: Path, target: Path, connections: int, rate_or_gap: float) -> Path:
+    # Idle: a fixed gap (ms). Otherwise each connection's share of the rate, less ~1 ms for its own answer.
+    gap = rate_or_gap if connections == 1 else max(0.0, 1000.0 * connections / rate_or_gap - 1.0)
+    target.write_text(script.read_text() + f"function delay() return {gap:.0f} end\n")
+    return target
+
+
+def in_server_ms(log: Path, since: int) -> tuple[float, float]:
+    """p50 and p99 of POST /decisions as the service's own access lines time it, from byte `since` of its log."""
+    with log.open("rb") as handle:
+        handle.seek(since)
+        text = handle.read().decode(errors="replace")
+    times = sorted(float(m) for m in re.findall(r"POST /decisions 201 ([\d.]+) ms", text))
+    return (statistics.median(times), times[int(0.99 * (len(times) - 1))]) if times else (0.0, 0.0)
+
+
+def post(url: str, body: bytes) -> tuple[int, float]:
+    started = time.perf_counter()
+    request = urllib.request.Request(url + "/decisions", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    return status, time.perf_counter() - started
+
+
+def outage(url: str, body: bytes, proxy: TcpProxy, how: str) -> dict[str, Any]:
+    for _ in range(20):
+        post(url, body)
+    getattr(proxy, how)()  # cut (a stopped database) or freeze (one that stops answering)
+    first_status, first = post(url, body)
+    later = [post(url, body)[1] for _ in range(200)]
+    proxy.restore()
+    restored = time.perf_counter()
+    while post(url, body)[0] != 201:
+        time.sleep(0.01)
+    back = time.perf_counter() - restored
+    later.sort()
+    return {
+        "first_503_s": first if first_status == 503 else None,
+        "p50_ms": 1000 * statistics.median(later),
+        "p99_ms": 1000 * later[int(0.99 * (len(later) - 1))],
+        "back_s": back,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args()
+    binary = ensure_wrk()
+    work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    body = json.dumps(msgspec.to_builtins(dataset.load().applicants[1])).encode()
+    script = lua_post("/decisions", body, work / "post.lua")
+    dbname = f"credit_bench_{uuid.uuid4().hex[:8]}"
+    admin = psycopg.connect(ADMIN_URL, autocommit=True)
+    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    proxy = TcpProxy("127.0.0.1", 5432)
+    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "API_KEYS", "LOG_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        DATABASE_URL=f"postgresql://postgres@127.0.0.1:{proxy.port}/{dbname}",
+        REDIS_URL=REDIS_URL,
+        REDIS_KEY_PREFIX=prefix,
+        DATABASE_REQUEST_TIMEOUT="1",
+    )
+    log = work / "service.log"
+    service = Server(env, None, log)
+    ceiling = Server(env, "bench.baseline:app", work / "baseline.log")
+    rows: list[str] = []
+    try:
+        service.wait("/health/ready")
+        ceiling.wait("/decisions")
+        for url in (service.url, ceiling.url):
+            wrk(binary, url, script, 32, 2)  # warm up
+        for name, connections, rate in LOADS:
+            pacing = paced(script, work / f"paced-{connections}-{rate:.0f}.lua", connections, rate)
+            got: dict[str, list[Sample]] = {"service": [], "ceiling": []}
+            inside: list[tuple[float, float]] = []
+            for _ in range(RUNS):
+                mark = log.stat().st_size
+                got["service"].append(wrk(binary, service.url, pacing, connections, args.seconds))
+                inside.append(in_server_ms(log, mark))
+                got["ceiling"].append(wrk(binary, ceiling.url, pacing, connections, args.seconds))
+            for target, samples in got.items():
+                server = (
+                    f"{statistics.median(i[0] for i in inside):.2f} / {statistics.median(i[1] for i in inside):.2f}"
+                    if target == "service"
+                    else "-"
+                )
+                rows.append(
+                    f"| {name} | {target} | {statistics.median(s.rps for s in samples):,.0f} | "
+                    f"{statistics.median(s.p50_ms for s in samples):.2f} | "
+                    f"{statistics.median(s.p99_ms for s in samples):.2f} | {server} | "
+                    f"{sum(s.non_2xx for s in samples)} |"
+                )
+            print("\n".join(rows[-2:]), flush=True)
+        stopped = outage(service.url, body, proxy, "cut")
+        frozen = outage(service.url, body, proxy, "freeze")
+        overload = Overload(service.url, 1000)
+        summary = uvloop.run(overload.run(args.seconds))
+        rss = service.rss_mib()
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{dbname}", autocommit=True) as conn:
+            stored = conn.execute(
+                "SELECT count(*) FROM decisions WHERE id = ANY(%s::uuid[])", (overload.committed,)
+            ).fetchone()[0]  # type: ignore[index]
+    finally:
+        service.stop()
+        ceiling.stop()
+        proxy.close()
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+        admin.close()
+        flush_prefix(prefix)
+    ok, refused = summary.get("201", {}), summary.get("503", {})
+    table = "\n".join(
+        [
+            "## Latency at a fixed offered load, an outage, overload",
+            "",
+            f"`bench/latency.py`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: POST /decisions, one worker, "
+            f"PostgreSQL (through a TCP proxy) and Redis; wrk, each connection pausing between requests, "
+            f"{args.seconds:g} s runs, medians of {RUNS}, alternating with the decode-only ceiling. In-server: the "
+            "service's own access lines.",
+            "",
+            "| offered load | target | req/s | p50 ms | p99 ms | in-server p50 / p99 ms | non-2xx |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "| PostgreSQL | first 503 s | 503 p50 ms (the next 200) | 503 p99 ms | back s after it answers |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {name} | {o['first_503_s']:.3f} | {o['p50_ms']:.2f} | {o['p99_ms']:.2f} | {o['back_s']:.2f} |"
+                for name, o in (("stopped", stopped), ("frozen", frozen))
+            ),
+            "",
+            f"1,000 connections posting as fast as answered, {args.seconds:g} s: {ok.get('count', 0):,} answered 201 "
+            f"(p50 {ok.get('p50_ms')} ms, p99 {ok.get('p99_ms')} ms), {refused.get('count', 0):,} refused 503 "
+            f"(p50 {refused.get('p50_ms')} ms, p99 {refused.get('p99_ms')} ms); worker RSS after {rss:.0f} MiB; "
+            f"{len(overload.committed) - int(stored)} of the 201s not in PostgreSQL.",
+        ]
+    )
+    print(table)
+    replace_section(table)
+
+
+if __name__ == "__main__":
+    main()
