@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 
 from service import metrics
 from service.coalesce import Coalescer
-from service.settings import mask_url
+from service.settings import Settings, mask_url
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,6 +56,8 @@ class Cache(Protocol):
     async def get(self, decision_id: uuid.UUID) -> bytes | None: ...
 
     async def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None: ...
+
+    async def delete(self, ids: Sequence[uuid.UUID]) -> bool: ...
 
     async def ping(self) -> bool: ...
 
@@ -216,6 +218,20 @@ class RedisCache:
             # pipeline of SETs costs a reply, and a timeout, per key.
             await self._call("SET", functools.partial(self._set_all, keys=keys, args=[self._ttl, *items.values()]))
 
+    async def delete(self, ids: Sequence[uuid.UUID]) -> bool:
+        """Remove the entries now (erasure, retention); False when Redis could not be told: the caller must retry."""
+        for decision_id in ids:
+            self._pending.pop(decision_id, None)
+        if not ids:
+            return True
+        # A write already on its way must land before the DEL, not after it.
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+        keys = [f"{self._prefix}{decision_id}" for decision_id in ids]
+        # Forced past the breaker: an erasure must reach Redis or fail, never be skipped.
+        answered, _ = await self._call("DEL", functools.partial(self.client.delete, *keys), force=True)
+        return answered
+
     async def ping(self) -> bool:
         # Readiness probes always ask Redis, even while backing off: a cheap, steady probe.
         answered, _ = await self._call("PING", self.client.ping, force=True)
@@ -268,8 +284,28 @@ class MemoryCache:
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
 
+    async def delete(self, ids: Sequence[uuid.UUID]) -> bool:
+        # This process's copy only: another worker's in-process cache keeps its copy until CACHE_TTL.
+        for decision_id in ids:
+            self._entries.pop(decision_id, None)
+        return True
+
     async def ping(self) -> bool:
         return True
 
     async def close(self) -> None:
         self._entries.clear()
+
+
+def open_cache(settings: Settings, client_name: str) -> RedisCache | MemoryCache:
+    """The cache the settings ask for: Redis when REDIS_URL is set, else the in-process one."""
+    if not settings.redis_url:
+        return MemoryCache(ttl=settings.cache_ttl)
+    return RedisCache(
+        settings.redis_url,
+        timeout=settings.redis_timeout,
+        prefix=settings.redis_key_prefix,
+        ttl=settings.cache_ttl,
+        client_name=client_name,
+        max_connections=settings.redis_pool_size,
+    )

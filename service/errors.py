@@ -2,9 +2,10 @@
 
     ServiceError                    any error with an HTTP answer
     ├── BadRequest                  400  body is not JSON, not UTF-8, or empty
-    │   └── InvalidHeader           400  a malformed Idempotency-Key
+    │   ├── InvalidHeader           400  a malformed Idempotency-Key
+    │   └── InvalidParameter        400  a query parameter out of range, or a tampered search cursor
     ├── Unauthorized                401  missing or wrong API key
-    ├── Forbidden                   403  an admin endpoint without an admin key
+    ├── Forbidden                   403  an admin endpoint without an admin key, inputs without an audit key
     ├── NotFound                    404  unknown decision id, model version or path
     ├── MethodNotAllowed            405
     ├── Conflict                    409  same Idempotency-Key still in flight
@@ -65,6 +66,12 @@ class InvalidHeader(BadRequest):
     """A request header has a value we cannot use."""
 
     title, slug = "Invalid header", "invalid-header"
+
+
+class InvalidParameter(BadRequest):
+    """A query parameter (or a search cursor) we cannot use."""
+
+    title, slug = "Invalid query parameter", "invalid-parameter"
 
 
 class Unauthorized(ServiceError):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from service import logs
 from service.errors import Forbidden, Unauthorized
 
 
@@ -47,18 +48,41 @@ def bearer_token(request: Request) -> bytes | None:
     return token.strip().encode()
 
 
-def authorize(request: Request) -> Key | None:
-    """The API key of a /decisions call (None when API_KEYS is unset: the API is open); 401 otherwise."""
-    ring: KeyRing = request.app.state.api_keys
-    if not ring:
-        return None
-    token = bearer_token(request)
-    if token is None:
-        raise Unauthorized("Send the API key as `Authorization: Bearer <key>`.")
-    key = ring.match(token)
-    if key is None:
-        raise Unauthorized("The API key is not valid.")
+def _known(key: Key | None) -> Key | None:
+    # Logs, metrics and records name the key that asked: its id, never its secret.
+    if key is not None:
+        logs.key_id.set(key.id)
     return key
+
+
+def authorize(request: Request, *, read_only: bool = False) -> Key | None:
+    """The key of an API call: an API key, or for a read (`read_only`) an audit key too; 401 for anything else.
+
+    With API_KEYS unset the API is open: no key is needed, and a known one is still recognised.
+    """
+    state = request.app.state
+    token = bearer_token(request)
+    key = None
+    if token is not None:
+        key = state.api_keys.match(token)
+        if key is None and read_only:
+            key = state.audit_keys.match(token)
+    if key is None and state.api_keys:
+        if token is None:
+            raise Unauthorized("Send the API key as `Authorization: Bearer <key>`.")
+        raise Unauthorized("The API key is not valid.")
+    return _known(key)
+
+
+def authorize_audit(request: Request) -> Key:
+    """An audit key (AUDIT_API_KEYS), for the applicant's inputs; 403 for anything else."""
+    token = bearer_token(request)
+    key = request.app.state.audit_keys.match(token) if token is not None else None
+    if key is None:
+        raise Forbidden("The applicant's inputs are for audit keys only (one of AUDIT_API_KEYS).")
+    known = _known(key)
+    assert known is not None
+    return known
 
 
 def authorize_admin(request: Request) -> Key:
@@ -70,4 +94,5 @@ def authorize_admin(request: Request) -> Key:
     key = ring.match(token) if token is not None else None
     if key is None:
         raise Forbidden("This endpoint needs an admin key (one of ADMIN_API_KEYS) as `Authorization: Bearer <key>`.")
+    logs.key_id.set(key.id)
     return key

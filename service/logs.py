@@ -17,6 +17,10 @@ from collections.abc import Mapping
 import msgspec
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# The caller's W3C trace id (from `traceparent`), when it sent a valid one.
+trace_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
+# The id of the key the request was made with, once it is known (never the secret).
+key_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("key_id", default=None)
 
 # uvicorn installs its own handlers on these; we route them through ours so the
 # whole process speaks one format.
@@ -26,12 +30,19 @@ _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        record.trace_id = trace_id.get()
         return True
 
 
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(context)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        # The trace id beside the request id, when the caller sent one.
+        current, trace = getattr(record, "request_id", "-"), getattr(record, "trace_id", None)
+        record.context = current if trace is None else f"{current} trace={trace}"
+        return super().format(record)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         return _timestamp(record)
@@ -48,6 +59,9 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "message": record.getMessage(),
         }
+        trace = getattr(record, "trace_id", None)
+        if trace is not None:
+            entry["trace_id"] = trace
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return self._encoder.encode(entry).decode()

@@ -48,6 +48,11 @@ probability = Histogram(
     "Probability of default of committed decisions: a shift here is drift.",
     buckets=PROBABILITY_BUCKETS,
 )
+requests_by_key = Counter(
+    "http_requests_by_key",
+    "HTTP requests answered, by API key id (never the secret), route and status.",
+    ["key", "route", "status"],
+)
 requests_shed = Counter("requests_shed", "Requests refused at once (503) because the worker was at capacity.")
 store_errors = Counter("store_errors", "Calls to the system of record that failed (answered 503).")
 store_fast_failures = Counter(

@@ -22,6 +22,22 @@ error_logger = logging.getLogger("service.errors")
 CLIENT_CLOSED_REQUEST = 499
 # A caller's id is echoed into logs and headers, so it must be short and plain.
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+# W3C Trace Context: version-traceid-parentid-flags, lowercase hex; an all-zero id is invalid. Version ff is
+# invalid; a future version may add fields after the flags.
+_TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+
+
+def trace_id_of(traceparent: bytes | None) -> str | None:
+    """The trace id of a valid `traceparent` header, else None (a malformed one is ignored, never an error)."""
+    if traceparent is None:
+        return None
+    found = _TRACEPARENT.match(traceparent.strip())
+    if found is None:
+        return None
+    version, trace, parent, _, rest = found.groups()
+    if version == b"ff" or (version == b"00" and rest) or trace == b"0" * 32 or parent == b"0" * 16:
+        return None
+    return trace.decode()
 
 
 # Answered whatever the load: probes and scrapes must see an overloaded worker as it is.
@@ -93,12 +109,19 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        incoming = traceparent = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value
+            elif name == b"traceparent":
+                traceparent = value
         request_id = (
             incoming.decode() if incoming is not None and _VALID_REQUEST_ID.match(incoming) else os.urandom(16).hex()
         )
         header = (b"x-request-id", request_id.encode())
         token = logs.request_id.set(request_id)
+        trace_token = logs.trace_id.set(trace_id_of(traceparent))
+        key_token = logs.key_id.set(None)
         status = 0
         started = time.perf_counter()
 
@@ -127,12 +150,18 @@ class RequestContext:
             template = getattr(route, "path", "unmatched")
             metrics.count(metrics.requests, scope["method"], template, str(status or 500))
             metrics.observe(metrics.latency, elapsed, scope["method"], template)
+            key = logs.key_id.get()
+            if key is not None:
+                metrics.count(metrics.requests_by_key, key, template, str(status or 500))
             access_logger.info(
-                "%s %s %d %.1f ms",
+                "%s %s %d %.1f ms%s",
                 scope["method"],
                 # The path as sent, still percent-encoded: a decoded %0a would forge a log line.
                 scope.get("raw_path", b"").decode("ascii", "backslashreplace") or scope["path"],
                 status or 500,
                 elapsed * 1000,
+                "" if key is None else f" key={key}",
             )
+            logs.key_id.reset(key_token)
+            logs.trace_id.reset(trace_token)
             logs.request_id.reset(token)

@@ -12,19 +12,22 @@ import msgspec
 
 from service import dataset
 from service.schemas import (
-    Applicant,
     Assignment,
     AssignmentHistory,
+    AuditedDecision,
     BatchRequest,
     BatchResponse,
     ChallengerRequest,
     Comparison,
     Decision,
+    DecisionRequest,
+    ErasedDecision,
     ModelsOverview,
     Monitoring,
     Outcome,
     OutcomeRequest,
     Problem,
+    SearchPage,
     encoder,
 )
 
@@ -33,9 +36,12 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 _, _components = msgspec.json.schema_components(
     [
-        Applicant,
+        DecisionRequest,
         BatchRequest,
         Decision,
+        SearchPage,
+        AuditedDecision,
+        ErasedDecision,
         BatchResponse,
         Problem,
         ModelsOverview,
@@ -67,7 +73,7 @@ def _problems(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "The body is not JSON, not UTF-8, or empty; or a header or query parameter is malformed.",
         401: "Missing or wrong API key (when API_KEYS is set).",
-        403: "Not an admin key (ADMIN_API_KEYS), or no admin keys are configured.",
+        403: "Not a key of the role this needs: an admin key (ADMIN_API_KEYS), or for the inputs an audit key.",
         404: "No such decision or model version.",
         409: "A request with the same Idempotency-Key is still in flight; or another outcome is already recorded.",
         413: "The body is too large.",
@@ -83,6 +89,55 @@ def _problems(*statuses: int) -> dict[str, Any]:
 
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}, {}]  # API keys are optional: only when API_KEYS is set
 _ADMIN: list[dict[str, list[str]]] = [{"admin": []}]
+# Reads take an API key or an audit key.
+_READ: list[dict[str, list[str]]] = [{"bearer": []}, {"audit": []}, {}]
+_DECISION_ID = {"name": "decision_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+_SEARCH = [
+    {
+        "name": "since",
+        "in": "query",
+        "required": False,
+        "description": "ISO 8601 time (UTC without an offset). Default: until - 24 h (with a reference: 10 years).",
+        "schema": {"type": "string", "format": "date-time"},
+    },
+    {
+        "name": "until",
+        "in": "query",
+        "required": False,
+        "description": (
+            "ISO 8601 time, exclusive. Default: now. Without a reference the search stops two"
+            " DATABASE_REQUEST_TIMEOUTs before now, so that no decision still committing is skipped;"
+            " the page gives the window searched."
+        ),
+        "schema": {"type": "string", "format": "date-time"},
+    },
+    {
+        "name": "decision",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["approve", "decline", "refer"]},
+    },
+    {
+        "name": "reference",
+        "in": "query",
+        "required": False,
+        "description": "The lender's reference, exactly as sent.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[\\x20-\\x7e]+$"},
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    },
+    {
+        "name": "cursor",
+        "in": "query",
+        "required": False,
+        "description": "The `next` of the previous page, unchanged; sent alone (with limit): it carries the search.",
+        "schema": {"type": "string"},
+    },
+]
 _WINDOW = [
     {
         "name": name,
@@ -128,14 +183,29 @@ DOCUMENT: dict[str, Any] = {
                 "parameters": [_IDEMPOTENCY_KEY, _REQUEST_ID],
                 "requestBody": {
                     "required": True,
-                    "content": {"application/json": {"schema": _ref("Applicant"), "example": _EXAMPLE}},
+                    "content": {
+                        "application/json": {
+                            "schema": _ref("DecisionRequest"),
+                            "example": {**_EXAMPLE, "reference": "APP-2026-000123"},
+                        }
+                    },
                 },
                 "responses": {
                     "201": _json(_ref("Decision"), "Scored and committed."),
                     "200": _json(_ref("Decision"), "A repeat of an Idempotency-Key: the original decision."),
                     **_problems(400, 401, 409, 413, 415, 422, 503),
                 },
-            }
+            },
+            "get": {
+                "operationId": "searchDecisions",
+                "summary": "Decisions by reference, or in a time window (optionally of one decision), newest first.",
+                "security": _READ,
+                "parameters": [*_SEARCH, _REQUEST_ID],
+                "responses": {
+                    "200": _json(_ref("SearchPage"), "A page; `next` continues the search, null on the last page."),
+                    **_problems(400, 401, 503),
+                },
+            },
         },
         "/decisions/batch": {
             "post": {
@@ -159,18 +229,38 @@ DOCUMENT: dict[str, Any] = {
         "/decisions/{decision_id}": {
             "get": {
                 "operationId": "getDecision",
-                "summary": "A recorded decision, from the cache or the system of record.",
-                "security": _BEARER,
+                "summary": "A recorded decision; with include=applicant (audit keys only) the inputs it was made from.",
+                "security": _READ,
                 "parameters": [
+                    _DECISION_ID,
                     {
-                        "name": "decision_id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string", "format": "uuid"},
+                        "name": "include",
+                        "in": "query",
+                        "required": False,
+                        "description": "`applicant`: add the applicant's fields as scored, the erasure, the key id.",
+                        "schema": {"type": "string", "enum": ["applicant"]},
                     },
                     _REQUEST_ID,
                 ],
-                "responses": {"200": _json(_ref("Decision"), "The decision."), **_problems(401, 404, 503)},
+                "responses": {
+                    "200": _json(
+                        {"anyOf": [_ref("Decision"), _ref("AuditedDecision")]},
+                        "The decision (AuditedDecision with include=applicant).",
+                    ),
+                    **_problems(400, 401, 403, 404, 503),
+                },
+            }
+        },
+        "/decisions/{decision_id}/applicant": {
+            "delete": {
+                "operationId": "eraseApplicant",
+                "summary": "Erase the applicant's inputs and the reference (an erasure request); the decision stays.",
+                "security": _ADMIN,
+                "parameters": [_DECISION_ID, _REQUEST_ID],
+                "responses": {
+                    "200": _json(_ref("ErasedDecision"), "Erased now, or when it first was: who and when."),
+                    **_problems(403, 404, 503),
+                },
             }
         },
         "/decisions/{decision_id}/outcome": {
@@ -342,6 +432,7 @@ DOCUMENT: dict[str, Any] = {
         "schemas": _components,
         "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "description": "One of API_KEYS."},
+            "audit": {"type": "http", "scheme": "bearer", "description": "One of AUDIT_API_KEYS (reads only)."},
             "admin": {"type": "http", "scheme": "bearer", "description": "One of ADMIN_API_KEYS."},
         },
     },

@@ -62,8 +62,18 @@ class Applicant(_Strict, frozen=True):
     telephone: bool
 
 
+# The lender's own id for an application: 1 to 64 printable ASCII characters.
+Reference = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[\x20-\x7e]+$")]
+
+
+class DecisionRequest(Applicant, frozen=True):
+    """The body of POST /decisions (and each batch item): the applicant, and the lender's reference if any."""
+
+    reference: Reference | None = None
+
+
 class BatchRequest(_Strict, frozen=True):
-    applicants: Annotated[list[Applicant], msgspec.Meta(min_length=1, max_length=1000)]
+    applicants: Annotated[list[DecisionRequest], msgspec.Meta(min_length=1, max_length=1000)]
 
 
 # Annotated[...] is stripped here: only the base type tells categorical from numeric.
@@ -91,6 +101,9 @@ RISK_CATEGORIES: tuple[str, ...] = get_args(RiskCategory)
 class Reason(msgspec.Struct, frozen=True):
     feature: str
     contribution: float
+    # A stable code and a sentence fit for an adverse-action notice (service/reasons.py).
+    code: str | None = None
+    statement: str | None = None
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -102,10 +115,43 @@ class Decision(msgspec.Struct, frozen=True):
     reasons: list[Reason]
     model_version: str
     created_at: dt.datetime
+    # The lender's reference, as sent; null when none was (or once erased).
+    reference: str | None = None
 
 
 class BatchResponse(msgspec.Struct):
     decisions: list[Decision]
+
+
+class SearchPage(msgspec.Struct, frozen=True):
+    """A page of GET /decisions: newest first; `next` continues the listing, null on the last page."""
+
+    decisions: list[Decision]
+    next: str | None
+    # The window searched, [since, until): without a reference, until stops a few seconds before now.
+    since: dt.datetime
+    until: dt.datetime
+
+
+class Erasure(msgspec.Struct, frozen=True):
+    """When the applicant's inputs (and the reference) were erased, and by whom: an admin key id, or retention."""
+
+    erased_at: dt.datetime
+    erased_by: str
+
+
+class ErasedDecision(Erasure, frozen=True):
+    id: uuid.UUID
+
+
+class AuditedDecision(Decision, frozen=True):
+    """GET /decisions/{id}?include=applicant: the decision, the inputs it was made from, and who asked."""
+
+    # The applicant's fields as scored; null once erased.
+    applicant: Applicant | None = None
+    erasure: Erasure | None = None
+    # The id of the API key the decision was made with (null: the API was open).
+    key_id: str | None = None
 
 
 class ProblemError(msgspec.Struct, frozen=True):
@@ -274,7 +320,7 @@ class Monitoring(msgspec.Struct, frozen=True):
 
 
 # Built once: msgspec decoders and encoders are reusable and thread-safe.
-applicant_decoder = msgspec.json.Decoder(Applicant)
+applicant_decoder = msgspec.json.Decoder(DecisionRequest)
 batch_decoder = msgspec.json.Decoder(BatchRequest)
 reasons_decoder = msgspec.json.Decoder(list[Reason])
 decision_decoder = msgspec.json.Decoder(Decision)

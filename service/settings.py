@@ -63,8 +63,10 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     shutdown_timeout: float = 25.0
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    # (key id, secret) pairs that may call /admin/*.
+    # (key id, secret) pairs, by role: the API (decisions, outcomes, monitoring), audit (read, with the
+    # applicant's inputs), admin (/admin/*, erasure). Ids are unique across all three.
+    api_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    audit_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     admin_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # Worker processes (uvicorn reads the same variable): each has its own pools.
     web_concurrency: int = 1
@@ -79,6 +81,9 @@ class Settings:
     cache_ttl: int = 86_400
     # Requests one worker serves at once; more are answered 503 at once (admission control).
     max_concurrent_requests: int = 64
+    # Decisions older than this lose the applicant's inputs and reference (python -m service.retention).
+    # 761 days: 25 months, as long as Regulation B asks a lender to keep an application's records.
+    retention_days: int = 761
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -95,8 +100,7 @@ class Settings:
             log_format=_choice(env, "LOG_FORMAT", "text", LOG_FORMATS),
             # Whole seconds: the Procfile hands it to uvicorn, which takes an integer.
             shutdown_timeout=_int(env, "SHUTDOWN_TIMEOUT", 25, minimum=1, maximum=3600),
-            api_keys=tuple(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
-            admin_keys=parse_keys(env, "ADMIN_API_KEYS"),
+            **_keys(env),
             web_concurrency=_int(env, "WEB_CONCURRENCY", 1, minimum=1, maximum=256),
             database_pool_size=_int(env, "DATABASE_POOL_SIZE", 10, minimum=1, maximum=1000),
             database_connect_timeout=_seconds(env, "DATABASE_CONNECT_TIMEOUT", 5.0, positive=True),
@@ -106,6 +110,7 @@ class Settings:
             redis_key_prefix=env.get("REDIS_KEY_PREFIX", ""),
             cache_ttl=_int(env, "CACHE_TTL", 86_400, minimum=1, maximum=10 * 365 * 86_400),
             max_concurrent_requests=_int(env, "MAX_CONCURRENT_REQUESTS", 64, minimum=1, maximum=100_000),
+            retention_days=_int(env, "RETENTION_DAYS", 761, minimum=1, maximum=100 * 366),
         )
 
 
@@ -208,6 +213,28 @@ _KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 def derived_key_id(secret: str) -> str:
     """The id of a key given without one: from a hash of the secret, never the secret itself."""
     return "key-" + hashlib.sha256(secret.encode()).hexdigest()[:10]
+
+
+_KEY_VARIABLES = {"api_keys": "API_KEYS", "audit_keys": "AUDIT_API_KEYS", "admin_keys": "ADMIN_API_KEYS"}
+
+
+def _keys(env: Mapping[str, str]) -> dict[str, tuple[tuple[str, str], ...]]:
+    """The three key variables, each parsed; an id may name one key only, whatever its role."""
+    found = {field_name: parse_keys(env, variable) for field_name, variable in _KEY_VARIABLES.items()}
+    ids: dict[str, str] = {}
+    secrets: dict[str, str] = {}
+    for field_name, keys in found.items():
+        variable = _KEY_VARIABLES[field_name]
+        for key_id, secret in keys:
+            if ids.get(key_id, variable) != variable:
+                raise ConfigError(
+                    f"{variable} uses the key id {key_id!r}, which {ids[key_id]} uses too; every key needs its own id."
+                )
+            if secrets.get(secret, variable) != variable:
+                raise ConfigError(f"{variable} key {key_id!r} has the same secret as a key of {secrets[secret]}.")
+            ids[key_id] = variable
+            secrets[secret] = variable
+    return found
 
 
 def parse_keys(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...]:

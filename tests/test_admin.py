@@ -98,7 +98,7 @@ def test_admin_endpoints_answer_403_without_an_admin_key(admin: TestClient, head
 
 
 def test_admin_endpoints_are_off_without_admin_keys(tmp_path: Path, versions: Versions) -> None:
-    settings = Settings(sqlite_path=tmp_path / "db.sqlite3", model_dir=versions.root, api_keys=(KEY,))
+    settings = Settings(sqlite_path=tmp_path / "db.sqlite3", model_dir=versions.root, api_keys=(("app", KEY),))
     with TestClient(create_app(settings)) as client:
         # Not even a valid API key opens them.
         response = client.get("/admin/models", headers=ADMIN)

@@ -304,7 +304,7 @@ def test_unknown_path_is_problem_404(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "path"), [("DELETE", "/decisions"), ("GET", "/decisions"), ("GET", "/decisions/batch")]
+    ("method", "path"), [("DELETE", "/decisions"), ("PUT", "/decisions"), ("GET", "/decisions/batch")]
 )
 def test_wrong_method_is_problem_405(client: TestClient, method: str, path: str) -> None:
     response = client.request(method, path)
@@ -322,7 +322,7 @@ def test_api_keys_guard_decisions(settings: Settings, applicant: dict) -> None:
 
     from service.app import create_app
 
-    keyed = dataclasses.replace(settings, api_keys=("k-one", "k-two"))
+    keyed = dataclasses.replace(settings, api_keys=(("one", "k-one"), ("two", "k-two")))
     with TestClient(create_app(keyed)) as client:
         missing = client.post("/decisions", json=applicant)
         assert_problem(missing, 401)

@@ -29,6 +29,10 @@ from service.settings import Settings
 from tests.conftest import count_rows, redis_prefix
 from tests.procfile import Service, service_environment
 
+# The API is open (no API_KEYS); an audit key reaches the applicant's inputs, an admin key erasure. The
+# other /admin operations get no admin key: a generated body must not change the run's champion.
+AUDIT_KEY = "fz-audit-tok"
+ADMIN_KEY = "fz-admin-tok"
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "50"))
 COUNTS: Counter[str] = Counter()
 RESULTS = Path(__file__).resolve().parent.parent / "var" / "fuzz-counts.txt"
@@ -36,7 +40,14 @@ RESULTS = Path(__file__).resolve().parent.parent / "var" / "fuzz-counts.txt"
 
 @pytest.fixture(scope="module")
 def running(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    env = service_environment(postgres_url, redis_url, REDIS_KEY_PREFIX=redis_prefix(), LOG_LEVEL="WARNING")
+    env = service_environment(
+        postgres_url,
+        redis_url,
+        REDIS_KEY_PREFIX=redis_prefix(),
+        LOG_LEVEL="WARNING",
+        AUDIT_API_KEYS=f"fuzz-audit:{AUDIT_KEY}",
+        ADMIN_API_KEYS=f"fuzz-admin:{ADMIN_KEY}",
+    )
     service = Service(env, tmp_path_factory.mktemp("fuzz") / "service.log")
     service.wait_ready()
     yield service
@@ -57,6 +68,8 @@ def test_api_conforms_to_its_openapi_document(running: Service) -> None:
 
 
 def fuzz(operation: Any, mode: GenerationMode) -> None:
+    key = ADMIN_KEY if operation.path.endswith("/applicant") else AUDIT_KEY
+
     @given(case=operation.as_strategy(mode))
     @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
     def check(case: Any) -> None:
@@ -65,7 +78,7 @@ def fuzz(operation: Any, mode: GenerationMode) -> None:
         # documented. Except one: JSON Schema counts 71.0 as an integer, while the
         # contract (and msgspec's strict decoding) wants an integer literal and
         # answers 422; the document cannot express the difference.
-        case.call_and_validate(excluded_checks=[positive_data_acceptance])
+        case.call_and_validate(headers={"Authorization": f"Bearer {key}"}, excluded_checks=[positive_data_acceptance])
 
     try:
         check()

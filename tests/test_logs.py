@@ -33,7 +33,7 @@ def test_info_logs_hold_no_applicant_data_or_api_key(
     settings: Settings, caplog: pytest.LogCaptureFixture, applicant: dict
 ) -> None:
     caplog.set_level(logging.INFO)
-    keyed = dataclasses.replace(settings, api_keys=("super-secret-key",))
+    keyed = dataclasses.replace(settings, api_keys=(("app", "super-secret-key"),))
     applicant = {**applicant, "purpose": "retraining", "credit_amount": 98765.4}
     with TestClient(create_app(keyed)) as client:
         client.post("/decisions", json=applicant, headers={"Authorization": "Bearer super-secret-key"})

@@ -147,7 +147,7 @@ def test_outcome_for_an_unknown_decision_is_404(client: TestClient) -> None:
 
 
 def test_outcomes_and_monitoring_need_the_api_key(monitored_settings: Settings, applicant: dict) -> None:
-    with TestClient(create_app(dataclasses.replace(monitored_settings, api_keys=("k1",)))) as client:
+    with TestClient(create_app(dataclasses.replace(monitored_settings, api_keys=(("app", "k1"),)))) as client:
         assert client.get("/monitoring").status_code == 401
         assert client.put(f"/decisions/{'0' * 8}-0000-4000-8000-{'0' * 12}/outcome", json={}).status_code == 401
         assert client.get("/monitoring", headers={"Authorization": "Bearer k1"}).status_code == 200

@@ -38,7 +38,9 @@ def test_openapi_lists_every_route(document: dict[str, Any]) -> None:
 
 def test_openapi_decision_routes_name_request_response_and_problem_schemas(document: dict[str, Any]) -> None:
     post = document["paths"]["/decisions"]["post"]
-    assert post["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Applicant"}
+    assert post["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/DecisionRequest"
+    }
     assert post["responses"]["201"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Decision"
     }
@@ -49,12 +51,21 @@ def test_openapi_decision_routes_name_request_response_and_problem_schemas(docum
 
 
 def test_openapi_applicant_matches_the_decoder(document: dict[str, Any]) -> None:
-    schema = document["components"]["schemas"]["Applicant"]
+    schema = document["components"]["schemas"]["DecisionRequest"]
     example = document["paths"]["/decisions"]["post"]["requestBody"]["content"]["application/json"]["example"]
-    assert list(schema["properties"]) == list(APPLICANT_FIELDS)
+    # The applicant's fields, all required, and the lender's optional reference.
+    assert list(schema["properties"]) == [*APPLICANT_FIELDS, "reference"]
     assert schema["required"] == list(APPLICANT_FIELDS)
     assert schema["additionalProperties"] is False
+    assert document["components"]["schemas"]["Applicant"]["required"] == list(APPLICANT_FIELDS)
+    for value in ("x" * 64, " ~"):
+        applicant_decoder.decode(encoder.encode({**example, "reference": value}))
+    for value in ("", "x" * 65, "\u00e9"):
+        with pytest.raises(Exception, match="Expected"):
+            applicant_decoder.decode(encoder.encode({**example, "reference": value}))
     for field, spec in schema["properties"].items():
+        if field == "reference":
+            continue
         values = allowed_values(field)
         if "enum" in spec:
             assert sorted(spec["enum"]) == sorted(values or ())

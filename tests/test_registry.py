@@ -20,6 +20,7 @@ from service.models import pipeline, registry
 from service.models.metadata import ModelError
 from service.models.policy import Policy, scorecard_points
 from service.models.registry import Registry, ScorecardModel, UnknownVersion, load_scorecard
+from service.reasons import REASONS
 from service.schemas import allowed_values
 from service.settings import DEFAULT_MODEL_DIR
 from tests.conftest import SHIPPED_VERSION, Versions, shipped_model
@@ -142,10 +143,42 @@ def test_reasons_are_contributions_against_average_applicant(credit_model: Score
                 cols = slice(offset, offset + width)
                 expected[name] = float(coef[cols] @ (row[cols] - average[cols]))
                 offset += width
-        ranked = sorted(((c, n) for n, c in expected.items() if c > 0), reverse=True)[:4]
+        # Age is never given as a reason (a prohibited basis): the next one takes its place.
+        ranked = sorted(((c, n) for n, c in expected.items() if c > 0 and n != "age"), reverse=True)[:4]
         decision = credit_model.decide(applicant, uuid.uuid4(), dt.datetime.now(dt.UTC))
         assert [r.feature for r in decision.reasons] == [n for _, n in ranked]
         assert [r.contribution for r in decision.reasons] == pytest.approx([c for c, _ in ranked], abs=1e-6)
+
+
+# Statements that say which way a field pushes ("too long", "too high", "too short"), and the sign of
+# the shipped model's weight that makes them true.
+_DIRECTIONS = {
+    "duration_months": 1,
+    "credit_amount": 1,
+    "installment_rate": 1,
+    "existing_credits": 1,
+    "residence_since": -1,
+}
+# Categorical statements, and the only categories that may push risk up if the statement is to be true.
+_MAY_PUSH_UP = {
+    "savings": {"below_100", "100_to_500"},  # "Savings are low"
+    "employment_since": {"unemployed", "below_1", "1_to_4"},  # "Length of employment is too short"
+    "other_debtors": {"none", "co_applicant"},  # "No guarantor for the credit"
+    "property": {"none", "car_other"},  # "Insufficient property or collateral"
+    "telephone": {False},  # "No telephone on record"
+}
+
+
+def test_every_reason_statement_points_the_way_the_shipped_model_does(credit_model: ScorecardModel) -> None:
+    scorer = credit_model.scorer
+    for field, sign in _DIRECTIONS.items():
+        weight, _ = scorer.numeric[field]
+        assert weight * sign > 0, f"{field}: {REASONS[field]} contradicts the weight {weight}"
+    for field, allowed in _MAY_PUSH_UP.items():
+        up = {value for value, contribution in scorer.categorical[field].items() if contribution > 0}
+        assert up <= allowed, f"{field}: {REASONS[field]} is not true of {up - allowed}"
+    assert REASONS["age"] is None
+    assert len({r.code for r in REASONS.values() if r is not None}) == len(REASONS) - 1
 
 
 def _train_rows(data: dataset.Dataset, credit_model: ScorecardModel) -> np.ndarray:

@@ -30,7 +30,8 @@ def test_settings_reads_every_variable() -> None:
             "LOG_LEVEL": "debug",
             "LOG_FORMAT": "JSON",
             "SHUTDOWN_TIMEOUT": "10",
-            "API_KEYS": " a , b,,",
+            "API_KEYS": " a , lender:b,,",
+            "AUDIT_API_KEYS": "auditor:c",
         }
     )
     assert settings.port == 9000
@@ -43,7 +44,8 @@ def test_settings_reads_every_variable() -> None:
     assert settings.admin_keys[1][1] == "plain-secret" and "plain" not in settings.admin_keys[1][0]
     assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
     assert settings.shutdown_timeout == 10
-    assert settings.api_keys == ("a", "b")
+    assert [secret for _, secret in settings.api_keys] == ["a", "b"]
+    assert settings.api_keys[1] == ("lender", "b") and settings.audit_keys == (("auditor", "c"),)
 
 
 @pytest.mark.parametrize(
@@ -70,12 +72,27 @@ def test_settings_reads_every_variable() -> None:
         ("ADMIN_API_KEYS", "ops:"),
         ("ADMIN_API_KEYS", "bad id:secret"),
         ("ADMIN_API_KEYS", "ops:a,ops:b"),
+        ("AUDIT_API_KEYS", "auditor:"),
     ],
 )
 def test_settings_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({name: value})
     assert str(info.value).startswith(name)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"API_KEYS": "lender:a", "ADMIN_API_KEYS": "lender:b"},
+        {"API_KEYS": "lender:same", "AUDIT_API_KEYS": "auditor:same"},
+    ],
+)
+def test_a_key_id_or_secret_belongs_to_one_role(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert str(info.value).startswith(list(env)[1])
+    assert "same" not in str(info.value).replace("the same secret", "")
 
 
 def test_settings_error_masks_password() -> None:
@@ -85,7 +102,9 @@ def test_settings_error_masks_password() -> None:
 
 
 def test_settings_repr_hides_api_keys_and_urls() -> None:
-    settings = Settings(api_keys=("sekrit",), database_url="postgresql://u:pw1@h/db", redis_url="redis://:pw2@h")
+    settings = Settings(
+        api_keys=(("app", "sekrit"),), database_url="postgresql://u:pw1@h/db", redis_url="redis://:pw2@h"
+    )
     assert not {"sekrit", "pw1", "pw2"} & set(
         repr(settings).replace("'", " ").replace(":", " ").replace("@", " ").split()
     )

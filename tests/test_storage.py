@@ -278,3 +278,49 @@ async def test_a_cancelled_redis_read_leaves_the_others_answered(redis_url: str)
         assert [a for k, a in enumerate(answers) if k != 2] == [p for k, (_, p) in enumerate(stored) if k != 2]
     finally:
         await cache.close()
+
+
+@pytest.mark.parametrize("dialect", ["postgres", "sqlite"])
+async def test_migration_4_keeps_every_decision_and_outcome_of_an_older_database(
+    dialect: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database made before references and erasure: its rows survive the upgrade (SQLite's table rebuild too)."""
+    from service.schemas import OutcomeRequest
+    from service.storage.base import _row
+
+    async def opened() -> Store:
+        if dialect == "postgres":
+            url = request.getfixturevalue("own_postgres_url")
+            return await PostgresStore.open(
+                url, pool_size=2, connect_timeout=3, request_timeout=5, application_name="credit-scoring-test-v4"
+            )
+        return await SQLiteStore.open(tmp_path / "old.sqlite3")
+
+    credit_model = shipped_model()
+    record = make_record(credit_model, 3)
+    columns = ", ".join(name for name, _ in schema._COLUMNS_V1)
+    old = await opened()
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:3])
+            assert await old.migrate() == [1, 2, 3]
+        values = _row(record, dialect)[: len(schema._COLUMNS_V1)]  # the row as version 3 wrote it
+        marks = ", ".join(["%s" if dialect == "postgres" else "?"] * len(values))
+        sql = f"INSERT INTO decisions ({columns}) VALUES ({marks})"
+        await old._run(lambda conn: conn.execute(sql, values))  # type: ignore[attr-defined]
+        outcome = OutcomeRequest(defaulted=True, observed_at=record.decision.created_at + dt.timedelta(days=30))
+        assert (await old.record_outcome(record.decision.id, outcome, "ops"))[0] == "created"
+    finally:
+        await old.close()
+
+    upgraded = await opened()
+    try:
+        assert await upgraded.migrate() == [4]
+        assert await upgraded.get(record.decision.id) == record.decision
+        audited = await upgraded.audited(record.decision.id)
+        assert audited is not None and audited.erasure is None and audited.key_id is None
+        assert audited.applicant is not None and audited.applicant["age"] == record.applicant.age
+        assert (await upgraded.record_outcome(record.decision.id, outcome, "ops"))[0] == "same"
+        assert len(await upgraded.cursor_secret()) >= 30
+    finally:
+        await upgraded.close()

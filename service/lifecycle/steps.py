@@ -13,12 +13,12 @@ import os
 from starlette.datastructures import State
 
 from service import logs, metrics, storage
-from service.cache import MemoryCache, RedisCache
+from service.cache import MemoryCache, RedisCache, open_cache
 from service.keys import KeyRing
 from service.lifecycle import model_steps
 from service.lifecycle.runner import Step
 from service.lifecycle.signals import unwatch_signals, watch_signals
-from service.settings import ConfigError, Settings, derived_key_id
+from service.settings import ConfigError, Settings
 
 METRICS_FLUSH_SECONDS = 1.0
 
@@ -36,13 +36,15 @@ def _settings_step(configured: Settings | None) -> Step:
         settings = configured or Settings.from_env()
         logs.configure(settings.log_level, settings.log_format)
         state.settings = settings
-        state.api_keys = KeyRing(tuple((derived_key_id(k), k) for k in settings.api_keys))
+        state.api_keys = KeyRing(settings.api_keys)
+        state.audit_keys = KeyRing(settings.audit_keys)
         state.admin_keys = KeyRing(settings.admin_keys)
         state.max_concurrent_requests = settings.max_concurrent_requests
         state.shutting_down = False
         state.shutdown_began = None
         state.idempotency_in_flight = set()
         auth = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "no API keys (open)"
+        auth += f", {len(settings.audit_keys)} audit key(s)"
         admin = f"{len(settings.admin_keys)} admin key(s)" if settings.admin_keys else "admin endpoints off"
         refer = "referral band [{:g}, {:g})".format(*settings.refer_band) if settings.refer_band else "no referral band"
         admits = f"admits {settings.max_concurrent_requests} requests at once"
@@ -63,23 +65,15 @@ async def _close_store(state: State) -> str:
 
 async def _migrate(state: State) -> str:
     applied = await state.store.migrate()
+    # The key search cursors are signed with: one per database, so every replica accepts every cursor.
+    state.cursor_key = await state.store.cursor_secret()
     return f"schema up to date (applied migrations {applied})" if applied else "schema up to date (nothing to apply)"
 
 
 async def _open_cache(state: State) -> str:
-    settings: Settings = state.settings
-    if not settings.redis_url:
-        state.cache = MemoryCache(ttl=settings.cache_ttl)
-        return f"opened {state.cache.description}"
-    cache = RedisCache(
-        settings.redis_url,
-        timeout=settings.redis_timeout,
-        prefix=settings.redis_key_prefix,
-        ttl=settings.cache_ttl,
-        client_name=_application_name(),
-        max_connections=settings.redis_pool_size,
-    )
-    state.cache = cache
+    cache = state.cache = open_cache(state.settings, _application_name())
+    if isinstance(cache, MemoryCache):
+        return f"opened {cache.description}"
     # Not fatal: the cache is best-effort. ping() logs the outage and backs off.
     if await cache.ping():
         return f"opened {cache.description}"

@@ -161,6 +161,7 @@ class ScorecardModel:
             reasons=reasons,
             model_version=self.version,
             created_at=created_at,
+            reference=getattr(applicant, "reference", None),
         )
 
 

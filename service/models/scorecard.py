@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from service.reasons import GIVEN, reason
 from service.schemas import APPLICANT_FIELDS, Applicant, Reason, allowed_values
 
 SCORECARD_FORMAT = 1
@@ -80,14 +81,14 @@ class Scorer:
         return sigmoid(self.bias + sum(self.contributions(applicant)))
 
     def explain(self, applicant: Applicant) -> tuple[float, list[Reason]]:
-        """Probability of default and the fields that push it up most, largest first."""
+        """Probability of default and the fields that push it up most, largest first (never a prohibited basis)."""
         contributions = self.contributions(applicant)
         probability = sigmoid(self.bias + sum(contributions))
         ranked = sorted(
-            ((c, name) for c, name in zip(contributions, self._names, strict=True) if c > 0),
+            ((c, name) for c, name in zip(contributions, self._names, strict=True) if c > 0 and name in GIVEN),
             reverse=True,
         )[:MAX_REASONS]
-        return probability, [Reason(feature=name, contribution=round(c, 6)) for c, name in ranked]
+        return probability, [reason(name, c) for c, name in ranked]
 
     def to_file(self) -> ScorecardFile:
         return ScorecardFile(

@@ -18,9 +18,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service import metrics
-from service.errors import Conflict, IdempotencyKeyReused, InvalidHeader, NotFound
+from service.errors import Conflict, IdempotencyKeyReused, InvalidHeader, InvalidParameter, NotFound
 from service.keys import authorize
 from service.models.assignment import ModelSet
+from service.routes import audit
 from service.routes.bodies import decode, json_response, read_json_body
 from service.schemas import Applicant, BatchResponse, Decision, applicant_decoder, batch_decoder, encoder
 from service.storage import Record
@@ -81,20 +82,25 @@ def _shadow(request: Request, models: ModelSet, decisions: Sequence[Decision], a
             queue.offer(decision.id, applicant)
 
 
+def _key_id(request: Request) -> str | None:
+    key = authorize(request)
+    return key.id if key is not None else None
+
+
 async def create_decision(request: Request) -> Response:
     state = request.app.state
-    authorize(request)
+    key_id = _key_id(request)
     key = _idempotency_key(request)
     applicant = decode(applicant_decoder, await read_json_body(request, MAX_BODY))
     # The model set this request started with: a swap meanwhile does not change its answer.
     models: ModelSet = state.models.current
     decision = models.champion.decide(applicant, uuid.uuid4(), _now())
     if key is None:
-        await state.store.insert(Record(decision, applicant))
+        await state.store.insert(Record(decision, applicant, key_id=key_id))
     else:
         request_hash = hashlib.sha256(encoder.encode(applicant)).hexdigest()
         with _claim(request, key):
-            existing = await state.store.insert(Record(decision, applicant, key, request_hash))
+            existing = await state.store.insert(Record(decision, applicant, key, request_hash, key_id=key_id))
         if existing is not None:
             if existing.request_hash != request_hash:
                 raise _key_reused(key)
@@ -111,7 +117,7 @@ async def create_decision(request: Request) -> Response:
 
 async def create_batch(request: Request) -> Response:
     state = request.app.state
-    authorize(request)
+    key_id = _key_id(request)
     key = _idempotency_key(request)
     batch = decode(batch_decoder, await read_json_body(request, MAX_BATCH_BODY))
     now = _now()
@@ -120,7 +126,7 @@ async def create_batch(request: Request) -> Response:
     champion = models.champion
     decisions = [champion.decide(a, uuid.uuid4(), now) for a in batch.applicants]
     records = [
-        Record(d, a, batch_id=batch_id, batch_position=i)
+        Record(d, a, batch_id=batch_id, batch_position=i, key_id=key_id)
         for i, (d, a) in enumerate(zip(decisions, batch.applicants, strict=True))
     ]
     if key is None:
@@ -146,7 +152,12 @@ async def create_batch(request: Request) -> Response:
 
 async def get_decision(request: Request) -> Response:
     state = request.app.state
-    authorize(request)
+    include = request.query_params.get("include")
+    if include is not None:
+        if include != "applicant":
+            raise InvalidParameter(f"include may only be `applicant`, got {include!r}.")
+        return await audit.audited(request)
+    authorize(request, read_only=True)
     # The route's uuid convertor already turned anything else into a 404.
     decision_id: uuid.UUID = request.path_params["decision_id"]
     payload = await state.cache.get(decision_id)

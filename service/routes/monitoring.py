@@ -71,7 +71,7 @@ async def _metadata(manager: ModelManager, version: str | None) -> Metadata:
 
 async def get_monitoring(request: Request) -> Response:
     """A version (default: the champion) over a window (default: the last 24 h)."""
-    authorize(request)
+    authorize(request, read_only=True)
     since, until = params.window(request)
     metadata = await _metadata(request.app.state.models, request.query_params.get("model_version"))
     counts = await request.app.state.store.monitoring_counts(

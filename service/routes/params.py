@@ -6,7 +6,7 @@ import datetime as dt
 
 from starlette.requests import Request
 
-from service.errors import BadRequest
+from service.errors import InvalidParameter
 from service.monitoring import DEFAULT_WINDOW
 
 
@@ -17,7 +17,7 @@ def timestamp(request: Request, name: str) -> dt.datetime | None:
     try:
         value = dt.datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise BadRequest(f"{name} must be an ISO 8601 time such as 2026-11-29T10:15:00Z, got {raw!r}.") from None
+        raise InvalidParameter(f"{name} must be an ISO 8601 time such as 2026-11-29T10:15:00Z, got {raw!r}.") from None
     # A time without an offset is read as UTC, the zone every stored time is in.
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
@@ -27,7 +27,7 @@ def window(request: Request) -> tuple[dt.datetime, dt.datetime]:
     until = timestamp(request, "until") or dt.datetime.now(dt.UTC)
     since = timestamp(request, "since") or until - DEFAULT_WINDOW
     if since >= until:
-        raise BadRequest(f"since ({since.isoformat()}) must be before until ({until.isoformat()}).")
+        raise InvalidParameter(f"since ({since.isoformat()}) must be before until ({until.isoformat()}).")
     return since, until
 
 
@@ -36,5 +36,5 @@ def limit(request: Request, default: int, most: int) -> int:
     if raw is None:
         return default
     if not raw.isdigit() or not 1 <= int(raw) <= most:
-        raise BadRequest(f"limit must be an integer from 1 to {most}, got {raw!r}.")
+        raise InvalidParameter(f"limit must be an integer from 1 to {most}, got {raw!r}.")
     return int(raw)

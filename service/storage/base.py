@@ -15,12 +15,13 @@ import operator
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from psycopg.types.json import Jsonb
 
 from service.models.metadata import TrainingDistribution
 from service.monitoring import Ranking, WindowCounts
+from service.reasons import completed
 from service.schemas import (
     APPLICANT_FIELDS,
     Applicant,
@@ -29,6 +30,7 @@ from service.schemas import (
     ChallengerDecision,
     Comparison,
     Decision,
+    Erasure,
     Outcome,
     OutcomeRequest,
     WorkerModels,
@@ -36,6 +38,9 @@ from service.schemas import (
     reasons_decoder,
 )
 from service.storage.model_records import Change
+
+if TYPE_CHECKING:  # audit_records builds on this module
+    from service.storage.audit_records import Audited, Search
 
 
 # Not frozen: a frozen dataclass's __init__ costs 3x more, once per decision stored.
@@ -50,6 +55,8 @@ class Record:
     request_hash: str | None = None
     batch_id: uuid.UUID | None = None
     batch_position: int | None = None
+    # The id of the API key that asked for it (never the secret); None when the API is open.
+    key_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,13 +143,26 @@ class Store(Protocol):
 
     async def roc_points(self, version: str, since: dt.datetime, until: dt.datetime) -> list[tuple[int, int, int]]: ...
 
+    # -- integrators and auditors (audit_records.py) --
+
+    async def search(self, search: Search) -> list[Decision]: ...
+
+    async def audited(self, decision_id: uuid.UUID) -> Audited | None: ...
+
+    async def erase(self, decision_id: uuid.UUID, erased_by: str) -> Erasure | None: ...
+
+    async def erase_older_than(self, cutoff: dt.datetime, limit: int) -> list[uuid.UUID]: ...
+
+    async def cursor_secret(self) -> bytes: ...
+
 
 # The batch that holds a key, in order; a key held by a single decision has no batch.
 _BATCH_OF_KEY = " WHERE batch_id = (SELECT batch_id FROM decisions WHERE idempotency_key = {p}) ORDER BY batch_position"
-_SELECT = (
-    "SELECT id, decision, probability_of_default, risk_category, score, CAST(reasons AS TEXT), model_version,"
-    " created_at, request_hash FROM decisions"
+DECISION_COLUMNS = (
+    "id, decision, probability_of_default, risk_category, score, CAST(reasons AS TEXT), model_version,"
+    " created_at, request_hash, reference"
 )
+_SELECT = f"SELECT {DECISION_COLUMNS} FROM decisions"
 
 
 _applicant_values = operator.attrgetter(*APPLICANT_FIELDS)
@@ -173,6 +193,10 @@ def _row(record: Record, dialect: str) -> tuple[Any, ...]:
         record.request_hash,
         batch_id,
         record.batch_position,
+        d.reference,
+        record.key_id,
+        None,  # erased_at: never, yet
+        None,  # erased_by
     )
 
 
@@ -192,9 +216,10 @@ def _decision(row: Sequence[Any]) -> Existing:
             probability_of_default=row[2],
             risk_category=row[3],
             score=row[4],
-            reasons=reasons_decoder.decode(row[5]),
+            reasons=completed(reasons_decoder.decode(row[5])),
             model_version=row[6],
             created_at=created_at.astimezone(dt.UTC),
+            reference=row[9],
         ),
         request_hash=row[8],
     )

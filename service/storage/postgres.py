@@ -37,6 +37,7 @@ from service.storage.base import (
     _row,
 )
 from service.storage.outage import Outage
+from service.storage.postgres_audit import PostgresAudit
 from service.storage.postgres_models import PostgresModelRecords
 from service.storage.postgres_monitoring import PostgresMonitoring
 from service.storage.schema import _COLUMNS, _NAMES, _PG_TYPES, _SPECIAL, MIGRATION_LOCK_ID, _checksum, _to_apply
@@ -157,7 +158,7 @@ async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
         await psycopg_pool.AsyncConnectionPool.check_connection(conn)
 
 
-class PostgresStore(PostgresModelRecords, PostgresMonitoring):
+class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
     def __init__(
         self,
         pool: psycopg_pool.AsyncConnectionPool,

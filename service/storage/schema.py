@@ -31,7 +31,8 @@ def _applicant_columns() -> list[tuple[str, type]]:
     return columns
 
 
-_COLUMNS: list[tuple[str, type | None]] = [
+# The columns as migration 1 created them. Frozen: migration 1's text (and checksum) is built from them.
+_COLUMNS_V1: list[tuple[str, type | None]] = [
     ("id", None),
     ("created_at", None),
     ("model_version", str),
@@ -46,6 +47,10 @@ _COLUMNS: list[tuple[str, type | None]] = [
     ("batch_id", None),
     ("batch_position", None),
 ]
+# Migration 4: the lender's reference, the key that asked, and the erasure of the applicant's fields.
+_COLUMNS_V4 = [*_COLUMNS_V1, ("reference", None), ("key_id", None), ("erased_at", None), ("erased_by", None)]
+# The table as it is now, in the order inserts and COPY write it.
+_COLUMNS = _COLUMNS_V4
 _SPECIAL = {
     "postgres": {
         "id": "uuid PRIMARY KEY",
@@ -55,6 +60,10 @@ _SPECIAL = {
         "request_hash": "text",
         "batch_id": "uuid",
         "batch_position": "integer",
+        "reference": "text",
+        "key_id": "text",
+        "erased_at": "timestamptz",
+        "erased_by": "text",
     },
     "sqlite": {
         "id": "TEXT PRIMARY KEY",
@@ -64,18 +73,72 @@ _SPECIAL = {
         "request_hash": "TEXT",
         "batch_id": "TEXT",
         "batch_position": "INTEGER",
+        "reference": "TEXT",
+        "key_id": "TEXT",
+        "erased_at": "TEXT",
+        "erased_by": "TEXT",
     },
 }
 
 _NAMES = [name for name, _ in _COLUMNS]
 
 
-def _create_table(dialect: str) -> str:
+_APPLICANT = set(APPLICANT_FIELDS)
+
+
+def _create_table(
+    dialect: str,
+    columns: list[tuple[str, type | None]] = _COLUMNS_V1,
+    table: str = "decisions",
+    erasable: bool = False,
+) -> str:
+    """CREATE TABLE for a set of columns; `erasable` leaves the applicant's fields nullable (retention)."""
     types = _PG_TYPES if dialect == "postgres" else _SQLITE_TYPES
-    lines = [
-        f"{name} {_SPECIAL[dialect][name] if kind is None else types[kind] + ' NOT NULL'}" for name, kind in _COLUMNS
+
+    def declared(name: str, kind: type | None) -> str:
+        if kind is None:
+            return _SPECIAL[dialect][name]
+        return types[kind] + ("" if erasable and name in _APPLICANT else " NOT NULL")
+
+    lines = [f"{name} {declared(name, kind)}" for name, kind in columns]
+    return f"CREATE TABLE IF NOT EXISTS {table} (\n  " + ",\n  ".join(lines) + "\n)"
+
+
+def _v4(dialect: str) -> list[str]:
+    """References, key ids, erasable applicant fields, the search's indexes, and the cursor's signing key."""
+    indexes = [
+        # Newest first, page after page: the window search's keyset, and the monitoring window's range.
+        "CREATE INDEX IF NOT EXISTS decisions_created_id ON decisions (created_at, id)",
+        "DROP INDEX IF EXISTS decisions_created_at",
+        "CREATE INDEX IF NOT EXISTS decisions_reference ON decisions (reference, created_at, id)"
+        " WHERE reference IS NOT NULL",
+        # What retention has still to do, and nothing it has done.
+        "CREATE INDEX IF NOT EXISTS decisions_unerased ON decisions (created_at) WHERE erased_at IS NULL",
     ]
-    return "CREATE TABLE IF NOT EXISTS decisions (\n  " + ",\n  ".join(lines) + "\n)"
+    if dialect == "postgres":
+        added = ", ".join(f"ADD COLUMN IF NOT EXISTS {name} {_SPECIAL[dialect][name]}" for name, _ in _COLUMNS_V4[-4:])
+        nullable = ", ".join(f"ALTER COLUMN {name} DROP NOT NULL" for name in APPLICANT_FIELDS)
+        return [
+            f"ALTER TABLE decisions {added}, {nullable}",
+            *indexes,
+            "CREATE TABLE IF NOT EXISTS service_secrets (name text PRIMARY KEY, value bytea NOT NULL)",
+            # 244 random bits from two version 4 UUIDs (gen_random_uuid uses the server's strong random source).
+            "INSERT INTO service_secrets VALUES ('cursor',"
+            " decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'))"
+            " ON CONFLICT (name) DO NOTHING",
+        ]
+    # SQLite cannot drop NOT NULL: the table is rebuilt (its data copied), as SQLite's documentation prescribes.
+    old = ", ".join(name for name, _ in _COLUMNS_V1)
+    return [
+        _create_table(dialect, _COLUMNS_V4, "decisions_v4", erasable=True),
+        f"INSERT INTO decisions_v4 ({old}) SELECT {old} FROM decisions",
+        "DROP TABLE decisions",
+        "ALTER TABLE decisions_v4 RENAME TO decisions",
+        "CREATE INDEX IF NOT EXISTS decisions_batch ON decisions (batch_id, batch_position) WHERE batch_id IS NOT NULL",
+        *indexes,
+        "CREATE TABLE IF NOT EXISTS service_secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+        "INSERT INTO service_secrets VALUES ('cursor', randomblob(32)) ON CONFLICT (name) DO NOTHING",
+    ]
 
 
 # Append-only: a deployed migration is never edited, only followed by a new one.
@@ -158,6 +221,11 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
                 ("sqlite", {"uuid": "TEXT", "bool": "INTEGER", "time": "TEXT", "text": "TEXT"}),
             )
         },
+    ),
+    (
+        4,
+        "references, key ids, erasable applicant fields, search indexes",
+        {dialect: _v4(dialect) for dialect in ("postgres", "sqlite")},
     ),
 ]
 

@@ -32,6 +32,7 @@ from service.storage.base import (
     _row,
 )
 from service.storage.schema import _NAMES, _checksum, _to_apply
+from service.storage.sqlite_audit import SQLiteAudit
 from service.storage.sqlite_models import SQLiteModelRecords
 from service.storage.sqlite_monitoring import SQLiteMonitoring
 
@@ -43,7 +44,7 @@ _SQLITE_INSERT = (
 )
 
 
-class SQLiteStore(SQLiteModelRecords, SQLiteMonitoring):
+class SQLiteStore(SQLiteModelRecords, SQLiteMonitoring, SQLiteAudit):
     """The embedded default: one connection, used only from one dedicated thread.
 
     sqlite3 calls block, so they run on that thread and the event loop only awaits
