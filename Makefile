@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run migrate test chaos lint train report bench bench-monitoring clean
+.PHONY: run migrate test chaos lint train report bench bench-monitoring bench-audit clean
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,3 +56,7 @@ bench: $(BIN)/.installed
 ## bench-monitoring: GET /monitoring on 10 thousand, 100 thousand and 1 million decisions (about 2 minutes)
 bench-monitoring: $(BIN)/.installed
 	$(BIN)/python -m bench.monitoring
+
+## bench-audit: the search on 1 million decisions (plans and times) and retention's rate (about 2 minutes)
+bench-audit: $(BIN)/.installed
+	$(BIN)/python -m bench.audit
