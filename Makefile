@@ -1,62 +1,71 @@
-# The venv is built from requirements.txt on first use and rebuilt when it changes.
+# The venv is built on first use and brought up to date when a requirements file changes:
+# requirements.txt for running the service, requirements-dev.txt on top for tests and checks.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+RUNTIME := $(BIN)/.installed
+DEV := $(BIN)/.installed-dev
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: run migrate test chaos lint train report bench bench-monitoring bench-audit clean
 
-$(BIN)/.installed: requirements.txt
+$(RUNTIME): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
+$(DEV): $(RUNTIME) requirements-dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
 ## run: serve the API exactly as the Procfile's web: line does (PORT defaults to 8000)
-# uvicorn re-raises SIGTERM/SIGINT after a clean shutdown (exit 143/130): not an error.
-run: $(BIN)/.installed
-	bash -c "$$(sed -n 's/^web: //p' Procfile)"; code=$$?; [ $$code -eq 143 ] || [ $$code -eq 130 ] || exit $$code
+# `set -m`: the service runs as the terminal's foreground job, so Ctrl-C reaches it (and its
+# clean shutdown) but not make, which would print "*** Interrupt" and exit 130. uvicorn
+# re-raises SIGTERM/SIGINT after a clean shutdown (exit 143/130): not an error.
+run: $(RUNTIME)
+	bash -c "set -m; $$(sed -n 's/^web: //p' Procfile)"; code=$$?; [ $$code -eq 143 ] || [ $$code -eq 130 ] || exit $$code
 
 ## migrate: bring the database schema up to date (the Procfile's release: line)
-migrate: $(BIN)/.installed
+migrate: $(RUNTIME)
 	bash -c "$$(sed -n 's/^release: //p' Procfile)"
 
 ## test: the whole suite against the PostgreSQL and Redis on this machine
-test: $(BIN)/.installed
+test: $(DEV)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## chaos: the long chaos suite (load, signals, outages); `make test` runs the short one
-chaos: $(BIN)/.installed
+chaos: $(DEV)
 	CHAOS=long $(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
 
 ## lint: ruff, mypy, and the Kubernetes manifests against the API schema
-lint: $(BIN)/.installed
+lint: $(DEV)
 	$(BIN)/ruff check service tests bench
 	$(BIN)/ruff format --check service tests bench
 	$(BIN)/mypy
 	$(BIN)/kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
 
 ## train: train a new version into the registry (KIND=logistic|boosting, SEED=n, VERSION=name; commit it to ship it)
-train: $(BIN)/.installed
+train: $(RUNTIME)
 	$(BIN)/python -m service.training --registry artifacts/models --kind $(or $(KIND),logistic) \
 		$(if $(SEED),--seed $(SEED)) $(if $(VERSION),--version $(VERSION))
 
 ## report: an HTML model report (plots embedded) from the configured database: var/model-report.html (REPORT_ARGS: --since, --until, --model-version, --output)
-report: $(BIN)/.installed
+report: $(RUNTIME)
 	$(BIN)/python -m service.report $(REPORT_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
 
 ## bench: wrk against the service and a decode-only ceiling (saturated), a boosting challenger's cost, latency at a fixed load, an outage, overload; writes bench/RESULTS.md
-bench: $(BIN)/.installed
+bench: $(DEV)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.challenger
 	$(BIN)/python -m bench.latency
 
 ## bench-monitoring: GET /monitoring on 10 thousand, 100 thousand and 1 million decisions (about 2 minutes)
-bench-monitoring: $(BIN)/.installed
+bench-monitoring: $(DEV)
 	$(BIN)/python -m bench.monitoring
 
 ## bench-audit: the search on 1 million decisions (plans and times) and retention's rate (about 2 minutes)
-bench-audit: $(BIN)/.installed
+bench-audit: $(DEV)
 	$(BIN)/python -m bench.audit
