@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from bench.results import replace_section  # noqa: E402
 from bench.run import ADMIN_URL, Server  # noqa: E402
 from service import dataset  # noqa: E402
-from service.storage.audit_records import Search, search_query  # noqa: E402
+from service.storage import Search  # noqa: E402
+from service.storage.audit_records import search_query  # noqa: E402
 
 SIZE = 1_000_000
 OLD = 200_000

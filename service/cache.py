@@ -30,12 +30,30 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KEY_PREFIX = "decision:"
+# An erased decision's marker: while it lives, no write puts the decision back in the cache. A write racing
+# the erasure (a GET that read the row just before the erasure committed) comes within a request's bound
+# of it; a minute is many times that.
+ERASED_PREFIX = "erased:"
+ERASED_TTL = 60
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 30.0
-# SET each KEYS[i] to ARGV[i + 1] with a TTL of ARGV[1] seconds.
+# SET each KEYS[i] to ARGV[i + 3] with a TTL of ARGV[1] seconds, unless the decision is marked erased (the
+# marker's name is ARGV[2] followed by the key from position ARGV[3] on: the decision's id).
 _SET_ALL = """
+local skip = tonumber(ARGV[3])
 for i, key in ipairs(KEYS) do
-  redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
+  if redis.call('EXISTS', ARGV[2] .. string.sub(key, skip)) == 0 then
+    redis.call('SET', key, ARGV[i + 3], 'EX', ARGV[1])
+  end
+end
+return #KEYS
+"""
+# Mark each decision erased (for ARGV[1] seconds) and delete its cached copy.
+_ERASE_ALL = """
+local skip = tonumber(ARGV[3])
+for _, key in ipairs(KEYS) do
+  redis.call('SET', ARGV[2] .. string.sub(key, skip), '1', 'EX', ARGV[1])
+  redis.call('DEL', key)
 end
 return #KEYS
 """
@@ -124,6 +142,8 @@ class RedisCache:
     ) -> None:
         self.description = f"Redis at {mask_url(url)}"
         self._prefix = prefix + KEY_PREFIX
+        # What _SET_ALL and _ERASE_ALL need to name a decision's erased marker.
+        self._marker_args: list[str | int] = [prefix + ERASED_PREFIX, len(self._prefix) + 1]
         self._ttl = ttl
         # No retries and short timeouts: a slow cache must never slow a decision.
         # A blocking pool: when all connections are busy a call waits (briefly)
@@ -141,6 +161,7 @@ class RedisCache:
         self.client = redis.Redis.from_pool(pool)
         # EVALSHA, falling back to EVAL when the server does not know the script yet.
         self._set_all = self.client.register_script(_SET_ALL)
+        self._erase_all = self.client.register_script(_ERASE_ALL)
         self.max_connections = max_connections
         self.errors = self.hits = self.misses = 0
         self._breaker = _Breaker()
@@ -216,7 +237,8 @@ class RedisCache:
             keys = [f"{self._prefix}{decision_id}" for decision_id in items]
             # One command (and one reply to parse) for everything queued, where a
             # pipeline of SETs costs a reply, and a timeout, per key.
-            await self._call("SET", functools.partial(self._set_all, keys=keys, args=[self._ttl, *items.values()]))
+            args: list[str | int | bytes] = [self._ttl, *self._marker_args, *items.values()]
+            await self._call("SET", functools.partial(self._set_all, keys=keys, args=args))
 
     async def delete(self, ids: Sequence[uuid.UUID]) -> bool:
         """Remove the entries now (erasure, retention); False when Redis could not be told: the caller must retry."""
@@ -228,8 +250,10 @@ class RedisCache:
         if self._flusher is not None and not self._flusher.done():
             await asyncio.shield(self._flusher)
         keys = [f"{self._prefix}{decision_id}" for decision_id in ids]
-        # Forced past the breaker: an erasure must reach Redis or fail, never be skipped.
-        answered, _ = await self._call("DEL", functools.partial(self.client.delete, *keys), force=True)
+        # Forced past the breaker: an erasure must reach Redis or fail, never be skipped. The marker keeps a
+        # write that raced the erasure (a read of the row from just before it) from bringing the copy back.
+        args: list[str | int] = [ERASED_TTL, *self._marker_args]
+        answered, _ = await self._call("DEL", functools.partial(self._erase_all, keys=keys, args=args), force=True)
         return answered
 
     async def ping(self) -> bool:
@@ -261,6 +285,8 @@ class MemoryCache:
         self._ttl = ttl
         self._max_entries = max_entries
         self._entries: OrderedDict[uuid.UUID, tuple[float, bytes]] = OrderedDict()
+        # Erased decisions, and until when no write may cache them again (see ERASED_TTL).
+        self._erased: dict[uuid.UUID, float] = {}
         self.errors = self.hits = self.misses = 0
 
     async def get(self, decision_id: uuid.UUID) -> bytes | None:
@@ -277,8 +303,11 @@ class MemoryCache:
         return entry[1]
 
     async def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None:
-        expires = time.monotonic() + self._ttl
+        now = time.monotonic()
+        expires = now + self._ttl
         for decision_id, payload in items:
+            if self._erased and self._erased.get(decision_id, 0.0) > now:
+                continue
             self._entries[decision_id] = (expires, payload)
             self._entries.move_to_end(decision_id)
         while len(self._entries) > self._max_entries:
@@ -286,8 +315,11 @@ class MemoryCache:
 
     async def delete(self, ids: Sequence[uuid.UUID]) -> bool:
         # This process's copy only: another worker's in-process cache keeps its copy until CACHE_TTL.
+        now = time.monotonic()
+        self._erased = {i: until for i, until in self._erased.items() if until > now}
         for decision_id in ids:
             self._entries.pop(decision_id, None)
+            self._erased[decision_id] = now + ERASED_TTL
         return True
 
     async def ping(self) -> bool:

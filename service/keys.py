@@ -1,11 +1,15 @@
 """API keys: which key a request carries, compared in constant time, known by its id.
 
 A key is `id:secret`; the id names it in logs and records, the secret never
-leaves this module's comparisons. Each ring holds the keys of one role.
+leaves this module's comparisons. Each ring holds the keys of one role: the
+API (score, read, search, outcomes), audit (read, search and the applicant's
+inputs; never a write), admin (/admin/*, erasure). A known key used outside its
+role is a 403; an unknown one a 401 (or nothing at all while the API is open).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass
 
@@ -18,7 +22,8 @@ from service.errors import Forbidden, Unauthorized
 @dataclass(frozen=True)
 class Key:
     id: str
-    secret: bytes
+    # SHA-256 of the secret: digests of equal length compare in constant time, whatever the secret's length.
+    digest: bytes
 
     def __repr__(self) -> str:  # never the secret, whoever prints it
         return f"Key(id={self.id!r})"
@@ -26,16 +31,17 @@ class Key:
 
 class KeyRing:
     def __init__(self, keys: tuple[tuple[str, str], ...]) -> None:
-        self.keys = tuple(Key(key_id, secret.encode()) for key_id, secret in keys)
+        self.keys = tuple(Key(key_id, hashlib.sha256(secret.encode()).digest()) for key_id, secret in keys)
 
     def __bool__(self) -> bool:
         return bool(self.keys)
 
     def match(self, presented: bytes) -> Key | None:
-        # Compare against every key, without short-circuiting, in constant time per key.
+        # Compare against every key, without short-circuiting (secrets are unique, so at most one matches).
+        digest = hashlib.sha256(presented).digest()
         found = None
         for key in self.keys:
-            if hmac.compare_digest(presented, key.secret):
+            if hmac.compare_digest(digest, key.digest):
                 found = key
         return found
 
@@ -65,8 +71,14 @@ def authorize(request: Request, *, read_only: bool = False) -> Key | None:
     key = None
     if token is not None:
         key = state.api_keys.match(token)
-        if key is None and read_only:
-            key = state.audit_keys.match(token)
+        if key is None:
+            audit = state.audit_keys.match(token)
+            if audit is not None and read_only:
+                key = audit
+            elif audit is not None or state.admin_keys.match(token) is not None:
+                # A key we know, used outside its role (open API or not): refused, and named in the logs.
+                _known(audit or state.admin_keys.match(token))
+                raise Forbidden("This key may not do this: audit keys only read, admin keys only administer.")
     if key is None and state.api_keys:
         if token is None:
             raise Unauthorized("Send the API key as `Authorization: Bearer <key>`.")

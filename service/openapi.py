@@ -73,7 +73,10 @@ def _problems(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "The body is not JSON, not UTF-8, or empty; or a header or query parameter is malformed.",
         401: "Missing or wrong API key (when API_KEYS is set).",
-        403: "Not a key of the role this needs: an admin key (ADMIN_API_KEYS), or for the inputs an audit key.",
+        403: (
+            "A known key outside its role (audit keys only read, admin keys only administer), no admin key for"
+            " /admin/* or erasure, or no audit key for the applicant's inputs."
+        ),
         404: "No such decision or model version.",
         409: "A request with the same Idempotency-Key is still in flight; or another outcome is already recorded.",
         413: "The body is too large.",
@@ -193,7 +196,7 @@ DOCUMENT: dict[str, Any] = {
                 "responses": {
                     "201": _json(_ref("Decision"), "Scored and committed."),
                     "200": _json(_ref("Decision"), "A repeat of an Idempotency-Key: the original decision."),
-                    **_problems(400, 401, 409, 413, 415, 422, 503),
+                    **_problems(400, 401, 403, 409, 413, 415, 422, 503),
                 },
             },
             "get": {
@@ -203,7 +206,7 @@ DOCUMENT: dict[str, Any] = {
                 "parameters": [*_SEARCH, _REQUEST_ID],
                 "responses": {
                     "200": _json(_ref("SearchPage"), "A page; `next` continues the search, null on the last page."),
-                    **_problems(400, 401, 503),
+                    **_problems(400, 401, 403, 503),
                 },
             },
         },
@@ -222,7 +225,7 @@ DOCUMENT: dict[str, Any] = {
                 "responses": {
                     "201": _json(_ref("BatchResponse"), "Scored and committed, in order."),
                     "200": _json(_ref("BatchResponse"), "A repeat of an Idempotency-Key: the original batch."),
-                    **_problems(400, 401, 409, 413, 415, 422, 503),
+                    **_problems(400, 401, 403, 409, 413, 415, 422, 503),
                 },
             }
         },
@@ -289,7 +292,7 @@ DOCUMENT: dict[str, Any] = {
                 "responses": {
                     "201": _json(_ref("Outcome"), "Recorded."),
                     "200": _json(_ref("Outcome"), "The same outcome was already recorded."),
-                    **_problems(400, 401, 404, 409, 413, 415, 422, 503),
+                    **_problems(400, 401, 403, 404, 409, 413, 415, 422, 503),
                 },
             }
         },
@@ -308,7 +311,7 @@ DOCUMENT: dict[str, Any] = {
                         "schema": {"type": "string"},
                     },
                 ],
-                "responses": {"200": _json(_ref("Monitoring"), "The figures."), **_problems(400, 401, 404, 503)},
+                "responses": {"200": _json(_ref("Monitoring"), "The figures."), **_problems(400, 401, 403, 404, 503)},
             }
         },
         "/admin/models": {

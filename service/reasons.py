@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 from service.schemas import APPLICANT_FIELDS, Reason
 
+# Beside schemas in the layering: it imports nothing but them, so the model (which gives reasons) and the
+# stores (which complete old ones) both build on it.
+
 
 @dataclass(frozen=True)
 class ReasonCode:
@@ -69,7 +72,11 @@ def reason(feature: str, contribution: float) -> Reason:
 
 
 def completed(reasons: list[Reason]) -> list[Reason]:
-    """Reasons stored before codes existed, given theirs (a code's meaning never changes)."""
+    """Reasons stored before codes existed, given theirs (a code's meaning never changes), and never `age`.
+
+    Such a decision may hold `age` among its reasons: it is dropped, not replaced (the stored
+    reasons are all there is), so that decision shows one reason fewer.
+    """
     if all(r.code is not None for r in reasons):
         return reasons
-    return [r if r.code is not None else reason(r.feature, r.contribution) for r in reasons]
+    return [r if r.code is not None else reason(r.feature, r.contribution) for r in reasons if r.feature in GIVEN]

@@ -26,6 +26,7 @@ from service import logs, storage
 from service.cache import Cache, open_cache
 from service.errors import StoreUnavailable
 from service.settings import ConfigError, Settings
+from service.storage import SchemaError
 
 logger = logging.getLogger("service.retention")
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         logs.configure(settings.log_level, settings.log_format)
         run = asyncio.run(erase_old(settings, batch_size=args.batch_size))
-    except (ConfigError, StoreUnavailable) as exc:
+    except (ConfigError, StoreUnavailable, SchemaError) as exc:
         logger.error("Retention failed: %s", exc)
         return 1
     rate = run.erased / run.seconds if run.seconds > 0 else 0.0

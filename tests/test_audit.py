@@ -23,14 +23,16 @@ from service import logs
 from service.app import create_app
 from service.middleware import trace_id_of
 from service.settings import Settings
+from service.storage import COMMIT_BOUND
 from tests.conftest import count_rows, redis_prefix
 from tests.test_decisions import assert_problem
 
 LENDER = {"Authorization": "Bearer l3nder-tok"}
 AUDITOR = {"Authorization": "Bearer aud1tor-tok"}
 OPS = {"Authorization": "Bearer 0ps-tok"}
-# A short request timeout: the window search lists up to two of them before now (0.4 s here).
-HORIZON = 0.4
+# A short request timeout: the window search stops three of them (COMMIT_BOUND) before now, 0.9 s here.
+REQUEST_TIMEOUT = 0.3
+HORIZON = COMMIT_BOUND * REQUEST_TIMEOUT
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def keyed(settings: Settings) -> Settings:
         api_keys=(("lender", "l3nder-tok"),),
         audit_keys=(("auditor", "aud1tor-tok"),),
         admin_keys=(("ops", "0ps-tok"),),
-        database_request_timeout=HORIZON / 2,
+        database_request_timeout=REQUEST_TIMEOUT,
     )
 
 
@@ -63,32 +65,39 @@ def _page(client: TestClient, **params: Any) -> dict[str, Any]:
 # -- references -------------------------------------------------------------------------------
 
 
-def test_a_reference_is_stored_returned_and_found(api: TestClient, applicant: dict) -> None:
+def test_a_reference_is_stored_returned_and_found(
+    api: TestClient, applicants: list[dict], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     reference = f"APP-{uuid.uuid4().hex[:8]} / 2026"
-    made = api.post("/decisions", json={**applicant, "reference": reference}, headers=LENDER)
-    assert made.status_code == 201, made.text
-    assert made.json()["reference"] == reference
-    assert api.get(made.headers["location"], headers=LENDER).json()["reference"] == reference
+    made = []
+    for applicant in applicants[:20]:  # approvals and declines
+        answer = api.post("/decisions", json={**applicant, "reference": reference}, headers=LENDER)
+        assert answer.status_code == 201, answer.text
+        assert answer.json()["reference"] == reference
+        made.append(answer.json())
+    assert api.get(f"/decisions/{made[0]['id']}", headers=LENDER).json()["reference"] == reference
     batch = api.post(
         "/decisions/batch",
-        json={"applicants": [{**applicant, "reference": reference}, applicant]},
+        json={"applicants": [{**applicants[0], "reference": reference}, applicants[1]]},
         headers=LENDER,
-    )
-    assert [d["reference"] for d in batch.json()["decisions"]] == [reference, None]
+    ).json()["decisions"]
+    assert [d["reference"] for d in batch] == [reference, None]
+    made.append(batch[0])
     # Found the moment it is made (a reference search has no horizon), newest first.
     found = _page(api, reference=reference)
-    assert [d["id"] for d in found["decisions"]] == [batch.json()["decisions"][0]["id"], made.json()["id"]]
+    assert found["decisions"] == sorted(made, key=lambda d: (d["created_at"], d["id"]), reverse=True)
     assert found["next"] is None
-    assert _page(api, reference=reference, decision="approve" if made.json()["decision"] != "approve" else "decline")[
-        "decisions"
-    ] == [d for d in found["decisions"] if d["decision"] != made.json()["decision"]]
+    for decision in ("approve", "decline"):
+        chosen = [d for d in found["decisions"] if d["decision"] == decision]
+        assert chosen, f"the data set's first 20 applicants hold a {decision}"
+        assert _page(api, reference=reference, decision=decision)["decisions"] == chosen
     # Without a reference, none is stored.
-    assert (
-        api.get(api.post("/decisions", json=applicant, headers=LENDER).headers["location"], headers=LENDER).json()[
-            "reference"
-        ]
-        is None
-    )
+    plain = api.post("/decisions", json=applicants[1], headers=LENDER).json()
+    assert plain["reference"] is None
+    # The reference names an application: the service does not log it (the access line has the path, not the query).
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(("service", "uvicorn")))
+    assert "GET /decisions 200" in ours and "APP-" not in ours
 
 
 @pytest.mark.parametrize("reference", ["", "x" * 65, "café", "line\nbreak", "tab\there", 42])
@@ -159,6 +168,13 @@ def test_the_window_search_filters_and_stops_short_of_now(api: TestClient, appli
         {"reference": "x" * 65},
         {"cursor": "not-a-cursor"},
         {"cursor": ""},
+        # Once 500s: times whose arithmetic overflows, and a digit that is not ASCII.
+        {"since": "0001-01-01T00:00:00+01:00"},
+        {"until": "9999-12-31T23:59:59-01:00"},
+        {"until": "0001-01-01T00:00:00Z"},
+        {"reference": "x", "until": "0005-01-01T00:00:00Z"},
+        {"limit": "\u00b2"},
+        {"limit": "\u0661\u0660"},
     ],
 )
 def test_a_bad_search_parameter_is_a_400(api: TestClient, params: dict[str, str]) -> None:
@@ -191,7 +207,7 @@ def test_a_cursor_cannot_be_forged_edited_or_mixed_with_a_new_search(
 def test_a_cursor_from_one_replica_works_on_another(postgres_url: str, redis_url: str, applicant: dict) -> None:
     # Replicas share PostgreSQL (embedded SQLite is one machine's).
     keyed = Settings(database_url=postgres_url, redis_url=redis_url, redis_key_prefix=redis_prefix(), cache_ttl=600)
-    keyed = dataclasses.replace(keyed, api_keys=(("lender", "l3nder-tok"),), database_request_timeout=HORIZON / 2)
+    keyed = dataclasses.replace(keyed, api_keys=(("lender", "l3nder-tok"),), database_request_timeout=REQUEST_TIMEOUT)
     since = _since()
     with TestClient(create_app(keyed)) as first, TestClient(create_app(keyed)) as second:
         for _ in range(3):
@@ -217,25 +233,37 @@ def test_the_applicants_inputs_are_for_audit_keys_only(api: TestClient, applican
     assert body["reference"] == "R-1" and body["key_id"] == "lender" and body["erasure"] is None
     assert {k: v for k, v in body.items() if k not in ("applicant", "erasure", "key_id")} == made
     assert_problem(api.get(path, params={"include": "everything"}, headers=AUDITOR), 400)
+    # Who asks comes first: without an audit key even a bad `include` is a 403, never a 400.
+    assert_problem(api.get(path, params={"include": "everything"}), 403)
     assert_problem(api.get(f"/decisions/{uuid.uuid4()}", params={"include": "applicant"}, headers=AUDITOR), 404)
 
 
-def test_an_audit_key_reads_but_never_writes(api: TestClient, applicant: dict) -> None:
-    made = api.post("/decisions", json=applicant, headers=LENDER).json()
-    assert api.get(f"/decisions/{made['id']}", headers=AUDITOR).status_code == 200
-    assert api.get("/decisions", params={"reference": "none-such"}, headers=AUDITOR).status_code == 200
-    assert api.get("/monitoring", headers=AUDITOR).status_code == 200
-    assert_problem(api.post("/decisions", json=applicant, headers=AUDITOR), 401)
-    assert_problem(api.post("/decisions/batch", json={"applicants": [applicant]}, headers=AUDITOR), 401)
-    outcome = {"defaulted": False, "observed_at": dt.datetime.now(dt.UTC).isoformat()}
-    assert_problem(api.put(f"/decisions/{made['id']}/outcome", json=outcome, headers=AUDITOR), 401)
-    assert_problem(api.get("/decisions", params={"reference": "x"}), 401)
+@pytest.mark.parametrize("api_open", [False, True])
+def test_an_audit_key_reads_and_an_admin_key_administers_never_more(
+    keyed: Settings, applicant: dict, api_open: bool
+) -> None:
+    # Whether or not API_KEYS is set: a key we know, used outside its role, is refused.
+    settings = dataclasses.replace(keyed, api_keys=()) if api_open else keyed
+    with TestClient(create_app(settings)) as api:
+        made = api.post("/decisions", json=applicant, headers=LENDER if not api_open else {}).json()
+        assert api.get(f"/decisions/{made['id']}", headers=AUDITOR).status_code == 200
+        assert api.get("/decisions", params={"reference": "none-such"}, headers=AUDITOR).status_code == 200
+        assert api.get("/monitoring", headers=AUDITOR).status_code == 200
+        outcome = {"defaulted": False, "observed_at": dt.datetime.now(dt.UTC).isoformat()}
+        for key in (AUDITOR, OPS):
+            assert_problem(api.post("/decisions", json=applicant, headers=key), 403)
+            assert_problem(api.post("/decisions/batch", json={"applicants": [applicant]}, headers=key), 403)
+            assert_problem(api.put(f"/decisions/{made['id']}/outcome", json=outcome, headers=key), 403)
+        assert_problem(api.get(f"/decisions/{made['id']}", headers=OPS), 403)
+        if not api_open:
+            assert_problem(api.get("/decisions", params={"reference": "x"}), 401)
 
 
 def test_erasure_removes_the_inputs_and_reference_everywhere_and_is_recorded(
     api: TestClient, keyed: Settings, applicant: dict
 ) -> None:
-    made = api.post("/decisions", json={**applicant, "reference": "ERASE-ME"}, headers=LENDER).json()
+    key = {"Idempotency-Key": f"erase-{uuid.uuid4()}"}
+    made = api.post("/decisions", json={**applicant, "reference": "ERASE-ME"}, headers={**LENDER, **key}).json()
     path = f"/decisions/{made['id']}"
     assert api.get(path, headers=LENDER).json()["reference"] == "ERASE-ME"  # now in the cache too
     for headers in (LENDER, AUDITOR, {}):
@@ -250,7 +278,9 @@ def test_erasure_removes_the_inputs_and_reference_everywhere_and_is_recorded(
     assert after == {**made, "reference": None}, "the cached copy went with the erasure"
     audited = api.get(path, params={"include": "applicant"}, headers=AUDITOR).json()
     assert audited["applicant"] is None and audited["erasure"] == {k: body[k] for k in ("erased_at", "erased_by")}
-    assert count_rows(keyed, "id = %s AND reference IS NULL AND age IS NULL AND purpose IS NULL", (made["id"],)) == 1
+    # The inputs, the reference, and what could lead back to them (the idempotency key, the hash of the body).
+    erased_columns = "reference IS NULL AND age IS NULL AND purpose IS NULL AND idempotency_key IS NULL"
+    assert count_rows(keyed, f"id = %s AND {erased_columns} AND request_hash IS NULL", (made["id"],)) == 1
     assert api.get("/decisions", params={"reference": "ERASE-ME"}, headers=LENDER).json()["decisions"] == []
     assert_problem(api.delete(f"/decisions/{uuid.uuid4()}/applicant", headers=OPS), 404)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from service.settings import DEFAULT_SQLITE_PATH, ConfigError, Settings, mask_url
@@ -40,8 +42,10 @@ def test_settings_reads_every_variable() -> None:
     assert str(settings.model_dir) == "/models" and settings.model_version == "german-credit-lr-1"
     assert settings.refer_band == (0.1, 0.25)
     assert settings.admin_keys[0] == ("ops", "s3cret")
-    # A plain secret gets an id derived from it, never the secret itself.
-    assert settings.admin_keys[1][1] == "plain-secret" and "plain" not in settings.admin_keys[1][0]
+    # A plain secret gets an id derived from it, never the secret itself, nor a fast hash of it.
+    derived = settings.admin_keys[1][0]
+    assert settings.admin_keys[1][1] == "plain-secret" and "plain" not in derived
+    assert derived.removeprefix("key-") not in hashlib.sha256(b"plain-secret").hexdigest()
     assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
     assert settings.shutdown_timeout == 10
     assert [secret for _, secret in settings.api_keys] == ["a", "b"]
@@ -73,6 +77,7 @@ def test_settings_reads_every_variable() -> None:
         ("ADMIN_API_KEYS", "bad id:secret"),
         ("ADMIN_API_KEYS", "ops:a,ops:b"),
         ("AUDIT_API_KEYS", "auditor:"),
+        ("API_KEYS", "one:same-secret,two:same-secret"),
     ],
 )
 def test_settings_bad_value_names_the_variable(name: str, value: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -200,6 +201,42 @@ async def test_cache_ping_answers(cache: Cache) -> None:
     assert await cache.ping() is True
 
 
+async def test_an_erased_decision_is_not_cached_again_by_a_write_that_raced_its_erasure(cache: Cache) -> None:
+    """A GET that read the row just before the erasure writes its copy just after: the marker refuses it."""
+    erased, other = uuid.uuid4(), uuid.uuid4()
+    await cache.set_many([(erased, b"with the reference")])
+    await _flushed(cache)
+    assert await cache.delete([erased])
+    assert await cache.get(erased) is None
+    await cache.set_many([(erased, b"read before the erasure"), (other, b"another decision")])
+    await _flushed(cache)
+    assert await cache.get(erased) is None
+    assert await cache.get(other) == b"another decision"
+
+
+async def _flushed(cache: Cache) -> None:
+    # Redis writes go out beside the response, a moment later.
+    flusher = getattr(cache, "_flusher", None)
+    if flusher is not None:
+        await flusher
+
+
+@pytest.mark.parametrize("kind", ["single", "batch"])
+async def test_a_decision_that_waited_too_long_to_be_written_is_refused(
+    store: Store, credit_model: ScorecardModel, kind: str
+) -> None:
+    """Its time is taken before it queues: written late, it could land under a search page already served."""
+    applicant = dataset.load().applicants[2]
+    made = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+    record = Record(credit_model.decide(applicant, uuid.uuid4(), made), applicant)
+    with pytest.raises(StoreUnavailable, match="waited"):
+        if kind == "single":
+            await store.insert(record)
+        else:
+            await store.insert_many([record])
+    assert await store.get(record.decision.id) is None
+
+
 async def test_memory_cache_expires_and_evicts() -> None:
     cache = MemoryCache(ttl=60, max_entries=3)
     ids = [uuid.uuid4() for _ in range(4)]
@@ -285,6 +322,9 @@ async def test_migration_4_keeps_every_decision_and_outcome_of_an_older_database
     dialect: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A database made before references and erasure: its rows survive the upgrade (SQLite's table rebuild too)."""
+    from psycopg.types.json import Jsonb
+
+    from service.reasons import reason
     from service.schemas import OutcomeRequest
     from service.storage.base import _row
 
@@ -304,7 +344,12 @@ async def test_migration_4_keeps_every_decision_and_outcome_of_an_older_database
         with monkeypatch.context() as patch:
             patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:3])
             assert await old.migrate() == [1, 2, 3]
-        values = _row(record, dialect)[: len(schema._COLUMNS_V1)]  # the row as version 3 wrote it
+        values = list(_row(record, dialect)[: len(schema._COLUMNS_V1)])  # the row as version 3 wrote it
+        # Reasons as version 3 stored them: no codes, and `age` among them.
+        names = [name for name, _ in schema._COLUMNS_V1]
+        old_reasons = [{"feature": "age", "contribution": 0.5}, {"feature": "duration_months", "contribution": 0.25}]
+        reasons = json.dumps(old_reasons)
+        values[names.index("reasons")] = reasons if dialect == "sqlite" else Jsonb(old_reasons)
         marks = ", ".join(["%s" if dialect == "postgres" else "?"] * len(values))
         sql = f"INSERT INTO decisions ({columns}) VALUES ({marks})"
         await old._run(lambda conn: conn.execute(sql, values))  # type: ignore[attr-defined]
@@ -316,7 +361,9 @@ async def test_migration_4_keeps_every_decision_and_outcome_of_an_older_database
     upgraded = await opened()
     try:
         assert await upgraded.migrate() == [4]
-        assert await upgraded.get(record.decision.id) == record.decision
+        upgraded_decision = await upgraded.get(record.decision.id)
+        # Read back with codes, and without `age`, which is never given as a reason.
+        assert upgraded_decision == msgspec.structs.replace(record.decision, reasons=[reason("duration_months", 0.25)])
         audited = await upgraded.audited(record.decision.id)
         assert audited is not None and audited.erasure is None and audited.key_id is None
         assert audited.applicant is not None and audited.applicant["age"] == record.applicant.age

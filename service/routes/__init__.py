@@ -1,7 +1,7 @@
 """The HTTP routes, one module per part of the API.
 
-decisions   POST /decisions, POST /decisions/batch, GET /decisions/{id}
-audit       GET /decisions (search), GET /decisions/{id}?include=applicant, DELETE /decisions/{id}/applicant
+decisions   POST /decisions, POST /decisions/batch, GET /decisions/{id} (with ?include=applicant for audits)
+audit       GET /decisions (search), DELETE /decisions/{id}/applicant (erasure)
 monitoring  PUT /decisions/{id}/outcome, GET /monitoring
 admin       /admin/*: the model registry, promotion, the challenger and its comparison
 health      GET /model, /metrics, /openapi.json, /health/live, /health/ready

@@ -1,13 +1,15 @@
-"""What integrators and auditors read and erase: the search, a decision with its inputs, erasure.
+"""What integrators and auditors search and erase: the search of decisions, and erasure of their inputs.
 
 GET /decisions                      search by time window, decision and reference, newest first, paged by cursor
-GET /decisions/{id}?include=applicant   the decision with the applicant's inputs (audit keys only)
 DELETE /decisions/{id}/applicant    erase the inputs and the reference, keep the decision (admin keys only)
 
-A window search does not list the newest few seconds (two DATABASE_REQUEST_TIMEOUTs):
-a decision's time is taken before its row commits, so a row younger than that may
-still land above a page already served, and a listing that went that close to
-now could skip it. The page says which window it searched.
+(GET /decisions/{id}?include=applicant, the inputs for an audit, is in decisions.py beside the plain GET.)
+
+A window search does not list the newest few seconds (three DATABASE_REQUEST_TIMEOUTs,
+storage.COMMIT_BOUND): a decision's time is taken before its row commits, so a row
+younger than that may still land above a page already served, and a listing that
+went that close to now could skip it. Older rows have committed or never will (the
+store refuses a write that queued too long). The page says which window it searched.
 """
 
 from __future__ import annotations
@@ -15,17 +17,16 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
 from service import cursors
 from service.errors import InvalidParameter, NotFound, ServiceUnavailable
-from service.keys import authorize, authorize_admin, authorize_audit
+from service.keys import authorize, authorize_admin
 from service.routes.bodies import json_response
 from service.routes.params import limit, timestamp
-from service.schemas import Applicant, AuditedDecision, ErasedDecision, SearchPage, encoder
-from service.storage.audit_records import Search
+from service.schemas import ErasedDecision, SearchPage, encoder
+from service.storage import COMMIT_BOUND, Search
 
 DEFAULT_LIMIT = 100
 MOST_LIMIT = 1000
@@ -64,7 +65,7 @@ def _first_page(request: Request) -> cursors.Position:
     if reference is None:
         # Only rows that have certainly committed or failed (see the module's docstring); a window
         # that lies wholly past the horizon is empty for now.
-        horizon = now - dt.timedelta(seconds=2 * request.app.state.settings.database_request_timeout)
+        horizon = now - dt.timedelta(seconds=COMMIT_BOUND * request.app.state.settings.database_request_timeout)
         until = max(since, min(until, horizon))
     # A reference names a handful of decisions, read in one page: no horizon, so a decision is found
     # the moment it is made.
@@ -120,20 +121,6 @@ async def search(request: Request) -> Response:
             ),
         )
     return json_response(encoder.encode(SearchPage(decisions=decisions, next=next_cursor, since=since, until=until)))
-
-
-async def audited(request: Request) -> Response:
-    """GET /decisions/{id}?include=applicant: the decision, the inputs it was made from, who erased them."""
-    authorize_audit(request)
-    decision_id: uuid.UUID = request.path_params["decision_id"]
-    found = await request.app.state.store.audited(decision_id)
-    if found is None:
-        raise NotFound(f"There is no decision with id {decision_id}.")
-    d = found.decision
-    fields = {name: getattr(d, name) for name in d.__struct_fields__}
-    applicant = None if found.applicant is None else msgspec.convert(found.applicant, Applicant)
-    view = AuditedDecision(**fields, applicant=applicant, erasure=found.erasure, key_id=found.key_id)
-    return json_response(encoder.encode(view))
 
 
 async def erase(request: Request) -> Response:

@@ -24,7 +24,7 @@ async def read_json_body(request: Request, limit: int) -> bytes:
         shown = media_type or "none"
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {shown}.")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The body is {declared} bytes; this endpoint accepts at most {limit}.")
     chunks: list[bytes] = []
     size = 0

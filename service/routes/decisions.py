@@ -1,4 +1,8 @@
-"""The decisions API: decode → score → record → respond, and the challenger's share after the commit.
+"""The decisions API: decode → score → record → respond, the challenger's share after the commit, and reads.
+
+GET /decisions/{id} answers from the cache, else the system of record; with
+`include=applicant` (audit keys only) it adds the inputs the decision was made
+from, read from the system of record.
 
 Handlers reach the models, the store and the cache only through
 `request.app.state`, which the lifecycle fills at start-up. A request takes the
@@ -14,16 +18,24 @@ import hashlib
 import uuid
 from collections.abc import Iterator, Sequence
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
 from service import metrics
 from service.errors import Conflict, IdempotencyKeyReused, InvalidHeader, InvalidParameter, NotFound
-from service.keys import authorize
+from service.keys import authorize, authorize_audit
 from service.models.assignment import ModelSet
-from service.routes import audit
 from service.routes.bodies import decode, json_response, read_json_body
-from service.schemas import Applicant, BatchResponse, Decision, applicant_decoder, batch_decoder, encoder
+from service.schemas import (
+    Applicant,
+    AuditedDecision,
+    BatchResponse,
+    Decision,
+    applicant_decoder,
+    batch_decoder,
+    encoder,
+)
 from service.storage import Record
 
 MAX_BODY = 1024 * 1024
@@ -154,9 +166,10 @@ async def get_decision(request: Request) -> Response:
     state = request.app.state
     include = request.query_params.get("include")
     if include is not None:
+        authorize_audit(request)  # who asks comes first: without an audit key, the parameter is not theirs to use
         if include != "applicant":
             raise InvalidParameter(f"include may only be `applicant`, got {include!r}.")
-        return await audit.audited(request)
+        return await _audited(request)
     authorize(request, read_only=True)
     # The route's uuid convertor already turned anything else into a 404.
     decision_id: uuid.UUID = request.path_params["decision_id"]
@@ -168,3 +181,16 @@ async def get_decision(request: Request) -> Response:
         payload = encoder.encode(decision)
         await state.cache.set_many([(decision_id, payload)])
     return json_response(payload)
+
+
+async def _audited(request: Request) -> Response:
+    """GET /decisions/{id}?include=applicant: the decision, the inputs it was made from, who erased them."""
+    decision_id: uuid.UUID = request.path_params["decision_id"]
+    found = await request.app.state.store.audited(decision_id)
+    if found is None:
+        raise NotFound(f"There is no decision with id {decision_id}.")
+    d = found.decision
+    fields = {name: getattr(d, name) for name in d.__struct_fields__}
+    applicant = None if found.applicant is None else msgspec.convert(found.applicant, Applicant)
+    view = AuditedDecision(**fields, applicant=applicant, erasure=found.erasure, key_id=found.key_id)
+    return json_response(encoder.encode(view))

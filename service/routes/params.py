@@ -9,6 +9,10 @@ from starlette.requests import Request
 from service.errors import InvalidParameter
 from service.monitoring import DEFAULT_WINDOW
 
+# Times outside these bounds are refused: windows are computed from them (until - 10 years) without overflowing.
+EARLIEST = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+LATEST = dt.datetime(9000, 1, 1, tzinfo=dt.UTC)
+
 
 def timestamp(request: Request, name: str) -> dt.datetime | None:
     raw = request.query_params.get(name)
@@ -16,10 +20,13 @@ def timestamp(request: Request, name: str) -> dt.datetime | None:
         return None
     try:
         value = dt.datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
-    except ValueError:
+        # A time without an offset is read as UTC, the zone every stored time is in.
+        value = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    except (ValueError, OverflowError):
         raise InvalidParameter(f"{name} must be an ISO 8601 time such as 2026-11-29T10:15:00Z, got {raw!r}.") from None
-    # A time without an offset is read as UTC, the zone every stored time is in.
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    if not EARLIEST <= value < LATEST:
+        raise InvalidParameter(f"{name} must be between {EARLIEST.year} and {LATEST.year}, got {raw!r}.")
+    return value
 
 
 def window(request: Request) -> tuple[dt.datetime, dt.datetime]:
@@ -35,6 +42,6 @@ def limit(request: Request, default: int, most: int) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
         raise InvalidParameter(f"limit must be an integer from 1 to {most}, got {raw!r}.")
     return int(raw)

@@ -16,20 +16,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.storage.base import Existing, ExistingBatch, Record, Store
+from service.storage.base import COMMIT_BOUND, Audited, Existing, ExistingBatch, Record, Search, Store
 from service.storage.postgres import PostgresStore
 from service.storage.schema import MIGRATION_LOCK_ID, MIGRATIONS, SchemaError
 from service.storage.sqlite import SQLiteStore
 
 __all__ = [
+    "COMMIT_BOUND",
     "MIGRATIONS",
     "MIGRATION_LOCK_ID",
+    "Audited",
     "Existing",
     "ExistingBatch",
     "PostgresStore",
     "Record",
     "SQLiteStore",
     "SchemaError",
+    "Search",
     "Store",
     "open_store",
 ]
@@ -45,4 +48,4 @@ async def open_store(settings: Any, application_name: str) -> Store:
             request_timeout=settings.database_request_timeout,
             application_name=application_name,
         )
-    return await SQLiteStore.open(settings.sqlite_path)
+    return await SQLiteStore.open(settings.sqlite_path, settings.database_request_timeout)

@@ -4,47 +4,47 @@
   the `decisions_created_id` index serves in order (and `decisions_reference` for
   a reference). A page continues strictly below the last row of the one before,
   so rows inserted meanwhile can neither repeat nor shift a page.
-- Erasure removes the applicant's fields and the reference from a decision and
-  keeps the rest (decision, probability, score, reasons, version, time), with who
-  erased it and when: `erased_by` is an admin key's id, or `retention`.
+- Erasure removes the applicant's fields and the reference from a decision, and
+  the idempotency key and request hash (a lender's key is often its application
+  id; the hash would confirm a guess of the inputs), and keeps the rest (decision,
+  probability, score, reasons, version, time), with who erased it and when:
+  `erased_by` is an admin key's id, or `retention`.
 - Retention erases in bounded batches, each its own transaction; PostgreSQL's
   `FOR UPDATE SKIP LOCKED` lets runs side by side take different rows.
 
-The SQL is written once with `{p}` for the placeholder.
+Statements both back ends share are written once with `{p}` for the placeholder;
+retention's batch differs by back end and is written for each.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-from service.schemas import APPLICANT_FIELDS, Decision, Erasure
-from service.storage.base import DECISION_COLUMNS, _decision
+from service.schemas import APPLICANT_FIELDS, Erasure
+from service.storage.base import DECISION_COLUMNS, Audited, Search, _decision
 
-# The applicant's fields, and the reference: what an erasure removes.
-ERASED = (*APPLICANT_FIELDS, "reference")
+# What an erasure removes: the applicant's fields, the reference, and what could lead back to them.
+ERASED = (*APPLICANT_FIELDS, "reference", "idempotency_key", "request_hash")
 _NULLS = ", ".join(f"{name} = NULL" for name in ERASED)
 
 
-@dataclass(frozen=True)
-class Search:
-    """One page of a search: the window [since, until), optional filters, and where the previous page ended."""
-
-    since: dt.datetime
-    until: dt.datetime
-    decision: str | None
-    reference: str | None
-    after: tuple[dt.datetime, uuid.UUID] | None
-    limit: int
+def _same(value: Any) -> Any:
+    return value
 
 
-def search_query(search: Search, placeholder: str) -> tuple[str, list[Any]]:
-    """The page's SQL and parameters (times and ids as the caller's back end stores them are its business)."""
+def search_query(
+    search: Search,
+    placeholder: str,
+    time: Callable[[dt.datetime], Any] = _same,
+    ident: Callable[[uuid.UUID], Any] = _same,
+) -> tuple[str, list[Any]]:
+    """The page's SQL and parameters; `time` and `ident` turn times and ids into what the back end stores."""
     p = placeholder
     where = [f"created_at >= {p}", f"created_at < {p}"]
-    params: list[Any] = [search.since, search.until]
+    params: list[Any] = [time(search.since), time(search.until)]
     if search.decision is not None:
         where.append(f"decision = {p}")
         params.append(search.decision)
@@ -53,7 +53,7 @@ def search_query(search: Search, placeholder: str) -> tuple[str, list[Any]]:
         params.append(search.reference)
     if search.after is not None:
         where.append(f"(created_at, id) < ({p}, {p})")
-        params += list(search.after)
+        params += [time(search.after[0]), ident(search.after[1])]
     params.append(search.limit)
     sql = (
         f"SELECT {DECISION_COLUMNS} FROM decisions WHERE "
@@ -81,16 +81,6 @@ ERASE_OLD_POSTGRES = (
 # SQLite: one writer at a time already (BEGIN IMMEDIATE); the batch is chosen and erased under its lock.
 SELECT_OLD_SQLITE = "SELECT id FROM decisions WHERE created_at < ? AND erased_at IS NULL ORDER BY created_at LIMIT ?"
 ERASE_IDS_SQLITE = f"UPDATE decisions SET {_NULLS}, erased_at = ?, erased_by = 'retention' WHERE id = ?"
-
-
-@dataclass(frozen=True)
-class Audited:
-    """A decision as an auditor sees it: its inputs (None once erased), its erasure, the key it was made with."""
-
-    decision: Decision
-    applicant: dict[str, Any] | None
-    erasure: Erasure | None
-    key_id: str | None
 
 
 def audit_view(row: Any) -> Audited:

@@ -15,10 +15,11 @@ import operator
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from psycopg.types.json import Jsonb
 
+from service.errors import StoreUnavailable
 from service.models.metadata import TrainingDistribution
 from service.monitoring import Ranking, WindowCounts
 from service.reasons import completed
@@ -38,9 +39,6 @@ from service.schemas import (
     reasons_decoder,
 )
 from service.storage.model_records import Change
-
-if TYPE_CHECKING:  # audit_records builds on this module
-    from service.storage.audit_records import Audited, Search
 
 
 # Not frozen: a frozen dataclass's __init__ costs 3x more, once per decision stored.
@@ -73,6 +71,49 @@ class Existing:
 
     decision: Decision
     request_hash: str | None
+
+
+@dataclass(frozen=True)
+class Search:
+    """One page of a search: the window [since, until), optional filters, and where the previous page ended."""
+
+    since: dt.datetime
+    until: dt.datetime
+    decision: str | None
+    reference: str | None
+    after: tuple[dt.datetime, uuid.UUID] | None
+    limit: int
+
+
+@dataclass(frozen=True)
+class Audited:
+    """A decision as an auditor sees it: its inputs (None once erased), its erasure, the key it was made with."""
+
+    decision: Decision
+    applicant: dict[str, Any] | None
+    erasure: Erasure | None
+    key_id: str | None
+
+
+# How long after its time a decision's row may still commit, in DATABASE_REQUEST_TIMEOUTs: a write is sent within
+# one (refuse_late) and each call is bounded by two. A window search lists only decisions older than this, so no
+# decision can commit into a page already served.
+COMMIT_BOUND = 3
+
+
+def refuse_late(records: Sequence[Record], waited_at_most: float) -> None:
+    """Refuse (503) to write decisions made longer ago than `waited_at_most` seconds: they queued too long.
+
+    Called on the connection, just before the write is sent. A decision's time is taken before it is
+    queued; without this, one that waited behind a slow call could commit with a time the search
+    has already passed.
+    """
+    made = min(record.decision.created_at for record in records)
+    waited = (dt.datetime.now(dt.UTC) - made).total_seconds()
+    if waited > waited_at_most:
+        raise StoreUnavailable(
+            f"The decision waited {waited:.1f} s to be written (more than {waited_at_most:g} s); it was not recorded."
+        )
 
 
 class Store(Protocol):

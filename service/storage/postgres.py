@@ -35,6 +35,7 @@ from service.storage.base import (
     _decision,
     _existing_batch,
     _row,
+    refuse_late,
 )
 from service.storage.outage import Outage
 from service.storage.postgres_audit import PostgresAudit
@@ -85,8 +86,11 @@ async def _copy(conn: psycopg.AsyncConnection[Any], rows: Sequence[tuple[Any, ..
             await copy.write_row(row)
 
 
-async def _insert_group(conn: psycopg.AsyncConnection[Any], *, records: Sequence[Record]) -> list[Existing | None]:
+async def _insert_group(
+    conn: psycopg.AsyncConnection[Any], *, records: Sequence[Record], late: float
+) -> list[Existing | None]:
     """Insert the records in one transaction; for each, None, or the record already under its key."""
+    refuse_late(records, late)
     keyed = [i for i, r in enumerate(records) if r.idempotency_key is not None]
     outcomes: list[Existing | None] = [None] * len(records)
     if len(records) == 1:
@@ -302,17 +306,17 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
         return await self._inserts.submit(record)
 
     async def _insert_group(self, records: list[Record]) -> list[Existing | None]:
-        return await self._run(functools.partial(_insert_group, records=records))
+        return await self._run(functools.partial(_insert_group, records=records, late=self._request_timeout))
 
     async def insert_many(self, records: Sequence[Record]) -> ExistingBatch | None:
         rows = [_row(r, "postgres") for r in records]
 
-        if records[0].idempotency_key is None:
-            # Nothing can conflict: one autocommit COPY, all rows or none.
-            await self._run(functools.partial(_copy, rows=rows))
-            return None
-
         async def insert_all(conn: psycopg.AsyncConnection[Any]) -> ExistingBatch | None:
+            refuse_late(records[:1], self._request_timeout)  # a batch's decisions share one time
+            if records[0].idempotency_key is None:
+                # Nothing can conflict: one autocommit COPY, all rows or none.
+                await _copy(conn, rows)
+                return None
             async with conn.transaction(), conn.cursor() as cur:
                 # The first row carries the batch's idempotency key, if any: if it is
                 # already taken, nothing is written and the stored batch is returned.

@@ -11,7 +11,7 @@ import psycopg
 
 from service.schemas import Decision, Erasure
 from service.storage import audit_records as audit
-from service.storage.base import _decision
+from service.storage.base import Audited, Search, _decision
 
 
 class PostgresAudit:
@@ -19,7 +19,7 @@ class PostgresAudit:
 
     _run: Callable[..., Awaitable[Any]]
 
-    async def search(self, search: audit.Search) -> list[Decision]:
+    async def search(self, search: Search) -> list[Decision]:
         sql, params = audit.search_query(search, "%s")
 
         async def read(conn: psycopg.AsyncConnection[Any]) -> list[Decision]:
@@ -29,7 +29,7 @@ class PostgresAudit:
         result: list[Decision] = await self._run(read)
         return result
 
-    async def audited(self, decision_id: uuid.UUID) -> audit.Audited | None:
+    async def audited(self, decision_id: uuid.UUID) -> Audited | None:
         async def read(conn: psycopg.AsyncConnection[Any]) -> Any:
             return await (await conn.execute(audit.AUDIT.format(p="%s"), (decision_id,))).fetchone()
 

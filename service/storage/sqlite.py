@@ -30,6 +30,7 @@ from service.storage.base import (
     _decision,
     _existing_batch,
     _row,
+    refuse_late,
 )
 from service.storage.schema import _NAMES, _checksum, _to_apply
 from service.storage.sqlite_audit import SQLiteAudit
@@ -51,19 +52,23 @@ class SQLiteStore(SQLiteModelRecords, SQLiteMonitoring, SQLiteAudit):
     them; the single thread also serialises writers, which SQLite wants anyway.
     """
 
-    def __init__(self, path: Path, executor: ThreadPoolExecutor, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self, path: Path, executor: ThreadPoolExecutor, conn: sqlite3.Connection, request_timeout: float
+    ) -> None:
         self._path = path
         self._executor = executor
         self._conn = conn
+        self._request_timeout = request_timeout
         self.description = f"SQLite at {path}"
 
     @classmethod
-    async def open(cls, path: Path) -> SQLiteStore:
+    async def open(cls, path: Path, request_timeout: float = 3.0) -> SQLiteStore:
+        """Open the file on the store's thread; a write waits at most `request_timeout` for another's lock."""
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
 
         def connect() -> sqlite3.Connection:
             path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=request_timeout)
             # WAL lets readers run beside the writer; synchronous=FULL makes each
             # COMMIT durable before we answer 201.
             conn.execute("PRAGMA journal_mode=WAL")
@@ -75,7 +80,7 @@ class SQLiteStore(SQLiteModelRecords, SQLiteMonitoring, SQLiteAudit):
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(path, executor, conn)
+        return cls(path, executor, conn, request_timeout)
 
     async def _run(self, action: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -115,6 +120,8 @@ class SQLiteStore(SQLiteModelRecords, SQLiteMonitoring, SQLiteAudit):
 
     async def insert(self, record: Record) -> Existing | None:
         def insert(conn: sqlite3.Connection) -> Existing | None:
+            # It may have queued behind a long read on this one thread: too long, and it is refused.
+            refuse_late((record,), self._request_timeout)
             cur = conn.execute(_SQLITE_INSERT, _row(record, "sqlite"))
             if cur.rowcount == 1:
                 return None
@@ -127,6 +134,7 @@ class SQLiteStore(SQLiteModelRecords, SQLiteMonitoring, SQLiteAudit):
         rows = [_row(r, "sqlite") for r in records]
 
         def insert_all(conn: sqlite3.Connection) -> ExistingBatch | None:
+            refuse_late(records[:1], self._request_timeout)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if conn.execute(_SQLITE_INSERT, rows[0]).rowcount == 0:

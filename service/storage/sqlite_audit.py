@@ -10,20 +10,7 @@ from typing import Any
 
 from service.schemas import Decision, Erasure
 from service.storage import audit_records as audit
-from service.storage.base import _decision
-
-
-def _stored(search: audit.Search) -> audit.Search:
-    """Times and ids as SQLite keeps them: ISO 8601 text in UTC, and the uuid's text."""
-    after = search.after
-    return audit.Search(
-        since=search.since.isoformat(),  # type: ignore[arg-type]
-        until=search.until.isoformat(),  # type: ignore[arg-type]
-        decision=search.decision,
-        reference=search.reference,
-        after=(after[0].isoformat(), str(after[1])) if after is not None else None,  # type: ignore[arg-type]
-        limit=search.limit,
-    )
+from service.storage.base import Audited, Search, _decision
 
 
 class SQLiteAudit:
@@ -31,8 +18,9 @@ class SQLiteAudit:
 
     _run: Callable[..., Awaitable[Any]]
 
-    async def search(self, search: audit.Search) -> list[Decision]:
-        sql, params = audit.search_query(_stored(search), "?")
+    async def search(self, search: Search) -> list[Decision]:
+        # SQLite keeps times as ISO 8601 text in UTC, and ids as text.
+        sql, params = audit.search_query(search, "?", dt.datetime.isoformat, str)
 
         def read(conn: sqlite3.Connection) -> list[Decision]:
             return [_decision(row).decision for row in conn.execute(sql, params).fetchall()]
@@ -40,7 +28,7 @@ class SQLiteAudit:
         result: list[Decision] = await self._run(read)
         return result
 
-    async def audited(self, decision_id: uuid.UUID) -> audit.Audited | None:
+    async def audited(self, decision_id: uuid.UUID) -> Audited | None:
         def read(conn: sqlite3.Connection) -> Any:
             return conn.execute(audit.AUDIT.format(p="?"), (str(decision_id),)).fetchone()
 
