@@ -1,18 +1,22 @@
 """`make bench` (third part): latency at a fixed offered load, an outage, and overload, against the ceiling.
 
 wrk at saturation measures throughput; what a lender feels is latency at the load
-it actually sends. This starts the service (one worker, PostgreSQL through a TCP
-proxy the script can cut, Redis) and the decode-only ceiling with the same uvicorn
-flags, and measures, alternating between the two, 3 runs each (medians):
+it actually sends. This starts the service (one worker, PostgreSQL, Redis) and the decode-only
+ceiling with the same uvicorn flags, and measures, alternating between the two,
+3 runs each (medians):
 
 - idle: one connection, a request every 10 ms;
 - 500 and 1,000 requests a second offered over 32 connections (wrk, each
   connection pausing between requests);
 
-then, on the service alone: a PostgreSQL outage (503 latency after the first, and
-the time back once it answers again) for a stopped and for a frozen database, and
-1,000 connections posting as fast as they are answered (2xx and 503 apart).
-Prints the tables and writes them into bench/RESULTS.md.
+beside the floor the database itself sets at each load: the service's INSERT
+alone, paced the same way (bench/floor.py). Then, on the service alone, 1,000
+connections posting as fast as they are answered (2xx and 503 apart); and, on
+a second start of the service whose PostgreSQL goes through a TCP proxy the script
+can cut (only there: the proxy's own hops would add to every latency above), an
+outage (503 latency after the first, and the time back once it answers again)
+for a stopped and for a frozen database. Prints the tables and writes them into
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.floor import insert_latencies  # noqa: E402
 from bench.overload import Load as Overload  # noqa: E402
 from bench.results import replace_section  # noqa: E402
 from bench.run import ADMIN_URL, REDIS_URL, Sample, Server, ensure_wrk, flush_prefix, lua_post, wrk  # noqa: E402
@@ -51,6 +56,11 @@ LOADS = (
     ("500 req/s, 32 connections", 32, 500.0),
     ("1,000 req/s, 32 connections", 32, 1000.0),
 )
+
+
+def _rate(connections: int, rate_or_gap: float) -> float:
+    """Requests a second in all: idle is one connection with a gap in ms."""
+    return 1000.0 / rate_or_gap if connections == 1 else rate_or_gap
 
 
 def paced(script: Path, target: Path, connections: int, rate_or_gap: float) -> Path:
@@ -113,10 +123,11 @@ def main() -> None:
     admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
     proxy = TcpProxy("127.0.0.1", 5432)
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    direct_url = f"postgresql://postgres@127.0.0.1:5432/{dbname}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "API_KEYS", "LOG_"))}
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        DATABASE_URL=f"postgresql://postgres@127.0.0.1:{proxy.port}/{dbname}",
+        DATABASE_URL=direct_url,
         REDIS_URL=REDIS_URL,
         REDIS_KEY_PREFIX=prefix,
         DATABASE_REQUEST_TIMEOUT="1",
@@ -124,6 +135,7 @@ def main() -> None:
     log = work / "service.log"
     service = Server(env, None, log)
     ceiling = Server(env, "bench.baseline:app", work / "baseline.log")
+    proxied: Server | None = None
     rows: list[str] = []
     try:
         service.wait("/health/ready")
@@ -139,6 +151,7 @@ def main() -> None:
                 got["service"].append(wrk(binary, service.url, pacing, connections, args.seconds))
                 inside.append(in_server_ms(log, mark))
                 got["ceiling"].append(wrk(binary, ceiling.url, pacing, connections, args.seconds))
+            floor = sorted(uvloop.run(insert_latencies(direct_url, connections, _rate(connections, rate))))
             for target, samples in got.items():
                 server = (
                     f"{statistics.median(i[0] for i in inside):.2f} / {statistics.median(i[1] for i in inside):.2f}"
@@ -151,19 +164,28 @@ def main() -> None:
                     f"{statistics.median(s.p99_ms for s in samples):.2f} | {server} | "
                     f"{sum(s.non_2xx for s in samples)} |"
                 )
-            print("\n".join(rows[-2:]), flush=True)
-        stopped = outage(service.url, body, proxy, "cut")
-        frozen = outage(service.url, body, proxy, "freeze")
+            rows.append(
+                f"| {name} | the INSERT alone (floor) | - | {statistics.median(floor) * 1000:.2f} | "
+                f"{floor[int(len(floor) * 0.99) - 1] * 1000:.2f} | - | - |"
+            )
+            print("\n".join(rows[-3:]), flush=True)
         overload = Overload(service.url, 1000)
         summary = uvloop.run(overload.run(args.seconds))
         rss = service.rss_mib()
-        with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{dbname}", autocommit=True) as conn:
+        with psycopg.connect(direct_url, autocommit=True) as conn:
             stored = conn.execute(
                 "SELECT count(*) FROM decisions WHERE id = ANY(%s::uuid[])", (overload.committed,)
             ).fetchone()[0]  # type: ignore[index]
-    finally:
         service.stop()
         ceiling.stop()
+        proxied = Server({**env, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{proxy.port}/{dbname}"}, None, log)
+        proxied.wait("/health/ready")
+        stopped = outage(proxied.url, body, proxy, "cut")
+        frozen = outage(proxied.url, body, proxy, "freeze")
+    finally:
+        for server in (service, ceiling, proxied):
+            if server is not None:
+                server.stop()
         proxy.close()
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
         admin.close()
@@ -174,9 +196,10 @@ def main() -> None:
             "## Latency at a fixed offered load, an outage, overload",
             "",
             f"`bench/latency.py`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: POST /decisions, one worker, "
-            f"PostgreSQL (through a TCP proxy) and Redis; wrk, each connection pausing between requests, "
+            f"PostgreSQL and Redis; wrk, each connection pausing between requests, "
             f"{args.seconds:g} s runs, medians of {RUNS}, alternating with the decode-only ceiling. In-server: the "
-            "service's own access lines.",
+            "service's own access lines. The floor: the service's INSERT alone, straight to PostgreSQL, paced alike"
+            " (bench/floor.py). The outage runs on a second start whose PostgreSQL goes through a TCP proxy.",
             "",
             "| offered load | target | req/s | p50 ms | p99 ms | in-server p50 / p99 ms | non-2xx |",
             "|---|---|---|---|---|---|---|",
