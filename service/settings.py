@@ -53,6 +53,9 @@ class Settings:
     port: int = 8000
     # URLs may hold passwords: never in a repr that could end up in a log.
     database_url: str | None = field(default=None, repr=False)
+    # PostgreSQL itself, when DATABASE_URL is a transaction pooler (PgBouncer): the session that LISTENs for
+    # model changes needs a server connection of its own, and pooled connections then prepare no statements.
+    database_direct_url: str | None = field(default=None, repr=False)
     sqlite_path: Path = DEFAULT_SQLITE_PATH
     redis_url: str | None = field(default=None, repr=False)
     model_dir: Path = DEFAULT_MODEL_DIR
@@ -63,6 +66,9 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     shutdown_timeout: float = 25.0
+    # Seconds a replica keeps serving after SIGTERM, already unready, before it closes its listener: the time
+    # a load balancer that checks readiness (HAProxy) needs to take it out. Part of SHUTDOWN_TIMEOUT.
+    shutdown_delay: int = 0
     # (key id, secret) pairs, by role: the API (decisions, outcomes, monitoring), audit (read, with the
     # applicant's inputs), admin (/admin/*, erasure). Ids are unique across all three.
     api_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
@@ -91,6 +97,7 @@ class Settings:
         return cls(
             port=_int(env, "PORT", 8000, minimum=1, maximum=65535),
             database_url=_url(env, "DATABASE_URL", ("postgres", "postgresql")),
+            database_direct_url=_direct_url(env),
             sqlite_path=Path(env.get("SQLITE_PATH") or DEFAULT_SQLITE_PATH),
             redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix")),
             model_dir=_model_dir(env),
@@ -100,6 +107,7 @@ class Settings:
             log_format=_choice(env, "LOG_FORMAT", "text", LOG_FORMATS),
             # Whole seconds: the Procfile hands it to uvicorn, which takes an integer.
             shutdown_timeout=_int(env, "SHUTDOWN_TIMEOUT", 25, minimum=1, maximum=3600),
+            shutdown_delay=_shutdown_delay(env),
             **_keys(env),
             web_concurrency=_int(env, "WEB_CONCURRENCY", 1, minimum=1, maximum=256),
             database_pool_size=_int(env, "DATABASE_POOL_SIZE", 10, minimum=1, maximum=1000),
@@ -112,6 +120,26 @@ class Settings:
             max_concurrent_requests=_int(env, "MAX_CONCURRENT_REQUESTS", 64, minimum=1, maximum=100_000),
             retention_days=_int(env, "RETENTION_DAYS", 761, minimum=1, maximum=100 * 366),
         )
+
+
+def _shutdown_delay(env: Mapping[str, str]) -> int:
+    delay = _int(env, "SHUTDOWN_DELAY", 0, minimum=0, maximum=3600)
+    timeout = _int(env, "SHUTDOWN_TIMEOUT", 25, minimum=1, maximum=3600)
+    if delay >= timeout:
+        raise ConfigError(
+            f"SHUTDOWN_DELAY ({delay} s) must be less than SHUTDOWN_TIMEOUT ({timeout} s): it is spent out of it."
+        )
+    return delay
+
+
+def _direct_url(env: Mapping[str, str]) -> str | None:
+    direct = _url(env, "DATABASE_DIRECT_URL", ("postgres", "postgresql"))
+    if direct is not None and not _value(env, "DATABASE_URL"):
+        raise ConfigError(
+            "DATABASE_DIRECT_URL is set but DATABASE_URL is not: set DATABASE_URL to the pooler (PgBouncer) and "
+            "DATABASE_DIRECT_URL to PostgreSQL itself, or unset DATABASE_DIRECT_URL."
+        )
+    return direct
 
 
 def _value(env: Mapping[str, str], name: str) -> str | None:

@@ -78,6 +78,9 @@ def test_settings_reads_every_variable() -> None:
         ("ADMIN_API_KEYS", "ops:a,ops:b"),
         ("AUDIT_API_KEYS", "auditor:"),
         ("API_KEYS", "one:same-secret,two:same-secret"),
+        ("SHUTDOWN_DELAY", "25"),
+        ("SHUTDOWN_DELAY", "-1"),
+        ("DATABASE_DIRECT_URL", "postgresql://localhost/db"),
     ],
 )
 def test_settings_bad_value_names_the_variable(name: str, value: str) -> None:

@@ -90,7 +90,20 @@ async def _check_connection_budget(state: State) -> str:
     settings: Settings = state.settings
     workers = settings.web_concurrency
     found = []
-    if isinstance(state.store, storage.PostgresStore):
+    if isinstance(state.store, storage.PostgresStore) and state.store.through_pooler:
+        # The pools are the pooler's clients (its max_client_conn bounds them); PostgreSQL sees the pooler's
+        # own server connections, and one listening session per worker.
+        max_connections, reserved, in_use = await state.store.capacity()
+        usable = max_connections - reserved
+        if workers > usable:
+            raise ConfigError(
+                f"WEB_CONCURRENCY={workers} listening sessions to PostgreSQL, but the server allows {usable}."
+            )
+        found.append(
+            f"pooler {workers} x {state.store.pool_size} client connections; PostgreSQL {workers} listening of "
+            f"{usable} allowed beside the pooler's own ({in_use} in use now)"
+        )
+    elif isinstance(state.store, storage.PostgresStore):
         # Each worker's pool, and the session each keeps open to LISTEN for model assignment changes.
         need = workers * (state.store.pool_size + 1)
         max_connections, reserved, in_use = await state.store.capacity()

@@ -43,6 +43,7 @@ async def open_store(settings: Any, application_name: str) -> Store:
     if settings.database_url:
         return await PostgresStore.open(
             settings.database_url,
+            direct_url=settings.database_direct_url,
             pool_size=settings.database_pool_size,
             connect_timeout=settings.database_connect_timeout,
             request_timeout=settings.database_request_timeout,

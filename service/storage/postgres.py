@@ -169,18 +169,25 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
         url: str,
         request_timeout: float,
         connection_kwargs: dict[str, Any] | None = None,
+        direct_url: str | None = None,
     ) -> None:
         self._pool = pool
         self._outage = Outage(self._probe)
-        self._url = url
-        # The session that LISTENs for assignment changes is opened like a pooled one.
-        self._listen_kwargs = dict(connection_kwargs or {"autocommit": True})
+        # The session that LISTENs for assignment changes is opened like a pooled one, to PostgreSQL itself
+        # when the pool goes through a transaction pooler (a LISTEN needs a session of its own).
+        self._url = direct_url or url
+        self._listen_kwargs = {
+            k: v for k, v in (connection_kwargs or {"autocommit": True}).items() if k != "prepare_threshold"
+        }
+        self.through_pooler = direct_url is not None
         self._request_timeout = request_timeout
         self._inserts = Coalescer(
             self._insert_group, max_items=MAX_GROUP, max_in_flight=MAX_COMMITTERS, error=_own_exception
         )
         self._reads = Coalescer(self._get_group, max_items=MAX_GROUP, max_in_flight=MAX_READERS, error=_own_exception)
         self.description = f"PostgreSQL at {mask_url(url)} (pool {pool.min_size}..{pool.max_size})"
+        if direct_url is not None:
+            self.description += f" through a transaction pooler; listening at {mask_url(direct_url)}"
 
     @classmethod
     async def open(
@@ -191,9 +198,16 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
         connect_timeout: float,
         request_timeout: float,
         application_name: str,
+        direct_url: str | None = None,
     ) -> PostgresStore:
-        """Open the pool and wait, bounded, for its first connection; close it again on failure."""
-        kwargs = {
+        """Open the pool and wait, bounded, for its first connection; close it again on failure.
+
+        With `direct_url`, `url` is a transaction pooler (PgBouncer): a pooled connection is then a
+        different server session from one transaction to the next, so it prepares no statements
+        (psycopg would otherwise prepare a statement after its fifth run and find it gone on the next
+        server session), and the LISTEN session goes to `direct_url`.
+        """
+        kwargs: dict[str, Any] = {
             # One INSERT is one transaction: autocommit saves a BEGIN/COMMIT round trip.
             "autocommit": True,
             "application_name": application_name,
@@ -205,6 +219,8 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
             "keepalives_interval": 5,
             "keepalives_count": 2,
         }
+        if direct_url is not None:
+            kwargs["prepare_threshold"] = None
         pool = psycopg_pool.AsyncConnectionPool(
             url,
             min_size=1,
@@ -226,7 +242,7 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
                     f"PostgreSQL at {mask_url(url)} did not accept a connection within {connect_timeout:g} s."
                 ) from None
             raise
-        return cls(pool, url, request_timeout, kwargs)
+        return cls(pool, url, request_timeout, kwargs, direct_url)
 
     async def _run(
         self, action: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], limit: float | None = None
