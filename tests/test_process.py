@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pty
 import signal
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,3 +198,60 @@ def _ready(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_with_a_shutdown_delay_sigterm_makes_it_unready_but_it_serves_until_the_delay_ends(
+    service_env: dict[str, str], tmp_path: Path, applicant: dict
+) -> None:
+    """What a load balancer that checks readiness needs: time to take the replica out before its listener closes."""
+    service = Service({**service_env, "SHUTDOWN_DELAY": "2"}, tmp_path / "delay.log")
+    try:
+        service.wait_ready()
+        service.process.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: httpx.get(f"{service.url}/health/ready", timeout=2).status_code == 503, 1.0)
+        # Unready, and still serving on new connections: the balancer has not taken it out yet.
+        answered = httpx.post(f"{service.url}/decisions", json=applicant, timeout=5)
+        assert answered.status_code == 201, answered.text
+        assert service.process.poll() is None
+        code = service.process.wait(15)
+    finally:
+        if service.process.poll() is None:
+            service.process.kill()
+            service.process.wait()
+    log = service.log()
+    assert code in STOPPED, log
+    assert "serving 2 s more while load balancers take this replica out" in log
+    assert log.index("serving 2 s more") < log.index("Shutdown step 'store': closed")
+
+
+def test_make_run_stops_on_ctrl_c_with_a_clean_shutdown_and_no_error_from_make(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The README's first command, at a terminal: Ctrl-C stops the service cleanly, and make says nothing."""
+    port = free_port()
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: make, on the terminal
+        os.chdir(ROOT)
+        os.execvpe("make", ["make", "--no-print-directory", "run"], {**service_env, "PORT": str(port)})
+    output = bytearray()
+
+    def read() -> None:
+        with contextlib.suppress(OSError):
+            while chunk := os.read(terminal, 4096):
+                output.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert wait_until(lambda: _ready(port), timeout=60), output.decode(errors="replace")
+        os.write(terminal, b"\x03")  # Ctrl-C, as the terminal sends it: to its foreground job
+        _, status = os.waitpid(pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    reader.join(5)
+    os.close(terminal)
+    text = output.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert CLOSED in text and "Interrupt" not in text and "Error" not in text, text
