@@ -7,7 +7,7 @@ RUNTIME := $(BIN)/.installed
 DEV := $(BIN)/.installed-dev
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run migrate test chaos lint train report bench bench-monitoring bench-audit clean
+.PHONY: run migrate test chaos lint train report bench bench-monitoring bench-audit rehearse image clean
 
 $(RUNTIME): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,11 @@ $(DEV): $(RUNTIME) requirements-dev.txt
 
 ## run: serve the API exactly as the Procfile's web: line does (PORT defaults to 8000)
 # `set -m`: the service runs as the terminal's foreground job, so Ctrl-C reaches it (and its
-# clean shutdown) but not make, which would print "*** Interrupt" and exit 130. uvicorn
-# re-raises SIGTERM/SIGINT after a clean shutdown (exit 143/130): not an error.
+# clean shutdown) but not make, which would print "*** Interrupt" and exit 130 (`exit` after it
+# keeps bash from exec'ing the service, which would leave it in make's process group). The service
+# exits 143/130 after a clean shutdown on SIGTERM/SIGINT: not an error.
 run: $(RUNTIME)
-	bash -c "set -m; $$(sed -n 's/^web: //p' Procfile)"; code=$$?; [ $$code -eq 143 ] || [ $$code -eq 130 ] || exit $$code
+	bash -c "set -m; $$(sed -n 's/^web: //p' Procfile); exit \$$?"; code=$$?; [ $$code -eq 143 ] || [ $$code -eq 130 ] || exit $$code
 
 ## migrate: bring the database schema up to date (the Procfile's release: line)
 migrate: $(RUNTIME)
@@ -65,6 +66,14 @@ bench: $(DEV)
 ## bench-monitoring: GET /monitoring on 10 thousand, 100 thousand and 1 million decisions (about 2 minutes)
 bench-monitoring: $(DEV)
 	$(BIN)/python -m bench.monitoring
+
+## image: build the Dockerfile's image with buildah, on a base made from Debian packages (no registry needed)
+image:
+	deploy/image/build
+
+## rehearse: three replicas behind HAProxy, through PgBouncer, restarted one at a time under load (about a minute; IMAGE=... runs them from `make image`'s image)
+rehearse: $(DEV)
+	$(BIN)/python -m bench.rehearse $(if $(IMAGE),--image $(IMAGE))
 
 ## bench-audit: the search on 1 million decisions (plans and times) and retention's rate (about 2 minutes)
 bench-audit: $(DEV)

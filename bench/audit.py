@@ -18,7 +18,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.results import replace_section  # noqa: E402
-from bench.run import ADMIN_URL, Server  # noqa: E402
+from bench.run import ADMIN_URL, Server, work_directory  # noqa: E402
 from service import dataset  # noqa: E402
 from service.storage import Search  # noqa: E402
 from service.storage.audit_records import search_query  # noqa: E402
@@ -124,7 +123,7 @@ def retention(env: dict[str, str], runs: int, work: Path) -> tuple[float, list[s
 
 
 def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="bench-audit-"))
+    work = work_directory("bench-audit-")
     dbname = f"credit_bench_{uuid.uuid4().hex[:8]}"
     admin = psycopg.connect(ADMIN_URL, autocommit=True)
     admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))

@@ -21,7 +21,6 @@ import re
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.results import replace_section  # noqa: E402
-from bench.run import ADMIN_URL, REDIS_URL, Sample, Server, ensure_wrk, flush_prefix, lua_post, wrk  # noqa: E402
+from bench.run import ADMIN_URL, REDIS_URL, Sample, Server, ensure_wrk, flush_prefix, lua_post, work_directory, wrk  # noqa: E402
 from service import dataset, training  # noqa: E402
 
 KEY = "bench-admin-key"
@@ -113,7 +112,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     binary = ensure_wrk()
-    work = Path(tempfile.mkdtemp(prefix="bench-challenger-"))
+    work = work_directory("bench-challenger-")
     registry = work / "models"
     shutil.copytree(ROOT / "artifacts" / "models" / SHIPPED, registry / SHIPPED)
     boosting = training.train(registry, "bench-gb", "boosting").version

@@ -27,7 +27,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -46,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench.floor import insert_latencies  # noqa: E402
 from bench.overload import Load as Overload  # noqa: E402
 from bench.results import replace_section  # noqa: E402
-from bench.run import ADMIN_URL, REDIS_URL, Sample, Server, ensure_wrk, flush_prefix, lua_post, wrk  # noqa: E402
+from bench.run import ADMIN_URL, REDIS_URL, Sample, Server, ensure_wrk, flush_prefix, lua_post, work_directory, wrk  # noqa: E402
 from service import dataset  # noqa: E402
 from tests.tcpproxy import TcpProxy  # noqa: E402
 
@@ -115,7 +114,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     args = parser.parse_args()
     binary = ensure_wrk()
-    work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    work = work_directory("bench-latency-")
     body = json.dumps(msgspec.to_builtins(dataset.load().applicants[1])).encode()
     script = lua_post("/decisions", body, work / "post.lua")
     dbname = f"credit_bench_{uuid.uuid4().hex[:8]}"

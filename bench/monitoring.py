@@ -15,7 +15,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.results import replace_section  # noqa: E402
-from bench.run import ADMIN_URL, Server  # noqa: E402
+from bench.run import ADMIN_URL, Server, work_directory  # noqa: E402
 from service import dataset  # noqa: E402
 
 SIZES = (10_000, 100_000, 1_000_000)
@@ -56,7 +55,7 @@ def timed_get(url: str) -> float:
 
 
 def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="bench-monitoring-"))
+    work = work_directory("bench-monitoring-")
     dbname = f"credit_bench_{uuid.uuid4().hex[:8]}"
     admin = psycopg.connect(ADMIN_URL, autocommit=True)
     admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))

@@ -13,6 +13,7 @@ Options: --seconds per wrk run (default 5), --workers 1 2 (default: both).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
@@ -56,6 +57,13 @@ class Sample:
     p50_ms: float
     p99_ms: float
     non_2xx: int
+
+
+def work_directory(prefix: str) -> Path:
+    """A directory for a bench's logs and scripts, removed when the bench's process exits, however it exits."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
 
 
 def ensure_wrk() -> str:
@@ -264,7 +272,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     binary = ensure_wrk()
-    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    work = work_directory("bench-")
     applicants = [msgspec.to_builtins(a) for a in dataset.load().applicants]
     single = json.dumps(applicants[1]).encode()
     batch = json.dumps({"applicants": applicants[:BATCH_SIZE]}).encode()
