@@ -214,12 +214,17 @@ def _sample_backends(direct_url: str, dbname: str, stop: threading.Event, seen: 
 def rehearse(seconds: float, work: Path, runs: int = 3, image: str | None = None) -> Report:
     """Run the rehearsal: `runs` throughput runs of `seconds` each way, then the restarts."""
     binary = ensure_wrk()
+    # First, as it is the one that may be missing: nothing is made before it.
+    bouncer = PgBouncer(pool_size=POOLER_SIZE)
     dbname = f"credit_rehearse_{uuid.uuid4().hex[:8]}"
-    admin = psycopg.connect(ADMIN_URL, autocommit=True)
-    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    try:
+        admin = psycopg.connect(ADMIN_URL, autocommit=True)
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    except BaseException:
+        bouncer.close()
+        raise
     direct_url = re.sub(r"/[^/]*$", f"/{dbname}", ADMIN_URL)
     prefix = f"rehearse-{uuid.uuid4().hex[:8]}:"
-    bouncer = PgBouncer(pool_size=POOLER_SIZE)
     replicas: list[Replica] = []
     balancer: HAProxy | None = None
     body = msgspec.json.encode(msgspec.to_builtins(dataset.load().applicants[1]))

@@ -59,9 +59,13 @@ class _Process:
         self.process: subprocess.Popen[bytes] | None = None
 
     def _start(self, command: list[str], port: int) -> None:
-        with self.log.open("wb") as output:
-            self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=self.directory)
-        _wait_for_port(port, self.process, self.log)
+        try:
+            with self.log.open("wb") as output:
+                self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=self.directory)
+            _wait_for_port(port, self.process, self.log)
+        except BaseException:
+            self.close()  # the caller never gets the object to close
+            raise
 
     def close(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -78,8 +82,8 @@ class PgBouncer(_Process):
     """PgBouncer in transaction pooling mode in front of the machine's PostgreSQL."""
 
     def __init__(self, pool_size: int = 10, target_port: int = 5432) -> None:
+        program = _program("pgbouncer")  # before anything is made that would need removing
         super().__init__()
-        program = _program("pgbouncer")
         self.port = _free_port()
         self.pool_size = pool_size
         (self.directory / "users.txt").write_text('"postgres" ""\n')
@@ -106,8 +110,8 @@ class HAProxy(_Process):
     """HAProxy in front of the given replicas, checking each on /health/ready."""
 
     def __init__(self, replica_ports: list[int]) -> None:
-        super().__init__()
         program = _program("haproxy")
+        super().__init__()
         self.port = _free_port()
         config = HAPROXY_EXAMPLE.read_text().replace("bind :8080", f"bind 127.0.0.1:{self.port}")
         servers = "\n".join(
