@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
 
 import msgspec
@@ -117,3 +118,30 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
         logger.propagate = True
     # Our own access line replaces uvicorn's, which has no request id or duration.
     logging.getLogger("uvicorn.access").disabled = True
+
+
+class Throttled:
+    """Warnings of one kind at most once a second each, with how many there were since the last one.
+
+    For what a hostile or broken client can make happen thousands of times a second (a cut
+    connection, a malformed request): the first is logged at once, the rest are counted.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 1.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        self._since[kind] = self._since.get(kind, 0) + 1
+        last = self._last.get(kind)
+        if last is not None and now - last < self._interval:
+            return
+        count = self._since.pop(kind)
+        if last is None or count == 1:
+            self._logger.warning(message, *args)
+        else:
+            self._logger.warning(message + " (%d like it in the last %.0f s)", *args, count, now - last)
+        self._last[kind] = now

@@ -53,6 +53,11 @@ requests_by_key = Counter(
     "HTTP requests answered, by API key id (never the secret), route and status.",
     ["key", "route", "status"],
 )
+connection_problems = Counter(
+    "http_connection_problems",
+    "Connections closed or refused at the connection layer, by reason (service/protocol.py).",
+    ["reason"],
+)
 requests_shed = Counter("requests_shed", "Requests refused at once (503) because the worker was at capacity.")
 store_errors = Counter("store_errors", "Calls to the system of record that failed (answered 503).")
 store_fast_failures = Counter(

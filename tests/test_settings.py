@@ -34,6 +34,9 @@ def test_settings_reads_every_variable() -> None:
             "SHUTDOWN_TIMEOUT": "10",
             "API_KEYS": " a , lender:b,,",
             "AUDIT_API_KEYS": "auditor:c",
+            "HTTP_HEAD_TIMEOUT": "5",
+            "HTTP_BODY_TIMEOUT": "12.5",
+            "HTTP_MAX_CONNECTIONS": "1000",
         }
     )
     assert settings.port == 9000
@@ -50,6 +53,7 @@ def test_settings_reads_every_variable() -> None:
     assert settings.shutdown_timeout == 10
     assert [secret for _, secret in settings.api_keys] == ["a", "b"]
     assert settings.api_keys[1] == ("lender", "b") and settings.audit_keys == (("auditor", "c"),)
+    assert (settings.http_head_timeout, settings.http_body_timeout, settings.http_max_connections) == (5, 12.5, 1000)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +85,9 @@ def test_settings_reads_every_variable() -> None:
         ("SHUTDOWN_DELAY", "25"),
         ("SHUTDOWN_DELAY", "-1"),
         ("DATABASE_DIRECT_URL", "postgresql://localhost/db"),
+        ("HTTP_HEAD_TIMEOUT", "0"),
+        ("HTTP_BODY_TIMEOUT", "forever"),
+        ("HTTP_MAX_CONNECTIONS", "-1"),
     ],
 )
 def test_settings_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -131,3 +138,13 @@ def test_settings_repr_hides_api_keys_and_urls() -> None:
 )
 def test_mask_url_hides_only_the_password(url: str, masked: str) -> None:
     assert mask_url(url) == masked
+
+
+def test_the_connection_cap_defaults_under_the_file_descriptor_limit() -> None:
+    import resource
+
+    from service.protocol import max_connections
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert max_connections(0) == min(4096, soft - 256)
+    assert max_connections(100) == 100

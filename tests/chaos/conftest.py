@@ -85,6 +85,19 @@ PRESSURE_HEADER = [
     "peak RSS MiB",
     "lost",
 ]
+# test_hostile.py's rows: hostile clients at the connection layer.
+HOSTILE_ROWS: list = []  # list[HostileRow]
+HOSTILE_HEADER = [
+    "scenario",
+    "connections",
+    "closed by the deadline (or cap)",
+    "closed late",
+    "/health/live probes",
+    "probe p99 ms",
+    "probe max ms",
+    "RSS growth MiB",
+    "5xx or no answer",
+]
 
 
 @pytest.fixture(scope="package")
@@ -111,7 +124,7 @@ def table(header: list[str], rows: list[Any]) -> str:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not ROWS and not PRESSURE_ROWS:
+    if not ROWS and not PRESSURE_ROWS and not HOSTILE_ROWS:
         return
     terminalreporter.section(f"chaos suite ({'long' if LONG else 'short'})")
     tables = []
@@ -119,6 +132,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         tables.append(table(HEADER, ROWS))
     if PRESSURE_ROWS:
         tables.append(table(PRESSURE_HEADER, PRESSURE_ROWS))
+    if HOSTILE_ROWS:
+        tables.append(table(HOSTILE_HEADER, HOSTILE_ROWS))
     for text in tables:
         terminalreporter.write_line(text)
         terminalreporter.write_line("")

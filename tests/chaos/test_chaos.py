@@ -21,7 +21,7 @@ from tests.chaos.conftest import LONG, ROWS, SHUTDOWN_TIMEOUT, Row
 from tests.chaos.load import Load, LoadResult, read_all
 from tests.chaos.servers import PrivatePostgres, PrivateRedis
 from tests.conftest import wait_until
-from tests.procfile import Service
+from tests.procfile import STOPPED, Service
 
 pytestmark = pytest.mark.chaos
 
@@ -29,7 +29,7 @@ CLIENTS = 32
 LOAD_SECONDS = 10.0 if LONG else 2.0
 CYCLES = 10
 CYCLE_LOAD_SECONDS = 3.0 if LONG else 0.8
-CLEAN_EXIT = (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+CLEAN_EXIT = STOPPED
 
 Servers = tuple[PrivatePostgres, PrivateRedis]
 

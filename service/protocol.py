@@ -1,0 +1,262 @@
+"""The HTTP connection layer: uvicorn's httptools protocol with deadlines, size caps and a connection cap.
+
+uvicorn closes a keep-alive connection left idle after a response (5 s), and
+nothing else: a connection that never sends a byte, or sends its head or body
+slowly, stays open for good, and httptools buffers a header however long it
+grows. The Procfile runs uvicorn with `--http service.protocol:HardenedProtocol`,
+this subclass, which adds, per worker:
+
+- a deadline for the request head (request line and headers, HEAD_TIMEOUT from
+  the connection's start or from the end of the previous response) and one for
+  the body (BODY_TIMEOUT from the end of the head; HTTP_HEAD_TIMEOUT and
+  HTTP_BODY_TIMEOUT set them): past it, 408 and close;
+- caps on the head: MAX_HEAD_BYTES in all and MAX_HEADERS fields: past either,
+  431 and close (counted as bytes arrive, so a header streamed without end is cut
+  at the cap, not buffered);
+- a cap on open connections (HTTP_MAX_CONNECTIONS, by default under the
+  file-descriptor limit less what the process needs itself): at the cap, a new
+  connection closes the oldest one that has not sent a complete head (a silent or
+  slowloris socket, or an idle keep-alive one), so probes and real clients still
+  get in; only when every connection is busy with a request is the new one
+  refused with 503 at once;
+- one warning line, at most once a second per kind, with the client's address and
+  how many times it happened, for all of the above and for malformed requests and
+  upgrade attempts (which uvicorn logged twice, without an address, advising a
+  WebSocket library). Each is counted in `http_connection_problems_total{reason}`.
+
+A subclass rather than a proxy's settings alone: a platform may put none in front
+(a Heroku dyno takes connections from its router, a Kubernetes pod from anywhere
+in the cluster), and the limits belong with what they protect. HAProxy in deploy/
+applies the same ones first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+from collections import OrderedDict
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service import metrics
+from service.logs import Throttled
+from service.settings import ConfigError, http_limits
+
+# Seconds for the request head, and for the body once the head is in: HTTP_HEAD_TIMEOUT, HTTP_BODY_TIMEOUT.
+HEAD_TIMEOUT = 10.0
+BODY_TIMEOUT = 30.0
+# The head (request line and headers) in bytes, and its header fields; nginx and HAProxy allow ~8-16 KiB.
+MAX_HEAD_BYTES = 16 * 1024
+MAX_HEADERS = 100
+# File descriptors kept for the process's own use (pools, logs, the model files) below the soft limit.
+RESERVED_DESCRIPTORS = 256
+# Each open connection costs a worker ~7 KB (its protocol, parser and buffers): 4,096 of them ~28 MB.
+MAX_CONNECTIONS_CEILING = 4096
+
+logger = logging.getLogger("service.connections")
+_warn = Throttled(logger)
+
+
+def max_connections(configured: int = 0) -> int:
+    """Open connections a worker keeps at most: HTTP_MAX_CONNECTIONS, or under its file-descriptor limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = max(64, min(MAX_CONNECTIONS_CEILING, soft - RESERVED_DESCRIPTORS))
+    return min(configured, ceiling) if configured else ceiling
+
+
+def _limits() -> tuple[float, float, int]:
+    """The limits from the environment. uvicorn makes this class before start-up reads the settings, so a bad
+    value falls back to the default here, and start-up's settings step refuses it with its clear message."""
+    try:
+        limits = http_limits(os.environ)
+    except ConfigError:
+        return HEAD_TIMEOUT, BODY_TIMEOUT, max_connections()
+    return limits["http_head_timeout"], limits["http_body_timeout"], max_connections(limits["http_max_connections"])
+
+
+def _response(status: int, reason: bytes, title: str, extra: bytes = b"") -> bytes:
+    body = b'{"type":"https://credit-scoring.example/problems/%s","title":"%s","status":%d}' % (
+        title.lower().replace(" ", "-").encode(),
+        title.encode(),
+        status,
+    )
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n%s\r\n%s" % (status, reason, len(body), extra, body)
+    )
+
+
+TIMEOUT = _response(408, b"Request Timeout", "Request timeout")
+TOO_LARGE = _response(431, b"Request Header Fields Too Large", "Request header fields too large")
+AT_CAPACITY = _response(503, b"Service Unavailable", "Too many connections", b"retry-after: 1\r\n")
+MALFORMED = _response(400, b"Bad Request", "Malformed request")
+
+# Connections of this worker that are waiting for a request head, oldest first: the ones a new connection may
+# close when the worker is at its cap.
+_waiting: OrderedDict[HardenedProtocol, None] = OrderedDict()
+
+
+class HardenedProtocol(HttpToolsProtocol):
+    head_timeout, body_timeout, max_connections = _limits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        # Bytes received for the current head (a memory bound while it streams), and its fields' exact size.
+        self._head_bytes = 0
+        self._field_bytes = 0
+        self._header_count = 0
+        self._in_head = True
+        self._refused = False
+
+    # -- the connection cap -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.max_connections and not _evict_oldest_waiting(self.max_connections):
+            self._refused = True
+            self.transport = transport
+            self.client = transport.get_extra_info("peername")
+            self._problem("connection_limit", "at the limit of %d open connections: refused", self.max_connections)
+            transport.write(AT_CAPACITY)
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _waiting.pop(self, None)
+        self._cancel_deadline()
+        if self._refused:
+            return
+        super().connection_lost(exc)
+
+    # -- deadlines ---------------------------------------------------------------------------
+
+    def _await_head(self) -> None:
+        """From here the next request head must arrive whole within HEAD_TIMEOUT."""
+        self._in_head = True
+        self._head_bytes = self._field_bytes = self._header_count = 0
+        _waiting[self] = None
+        self._set_deadline(self.head_timeout, "head")
+
+    def _set_deadline(self, seconds: float, phase: str) -> None:
+        self._cancel_deadline()
+        self._deadline = self.loop.call_later(seconds, self._expired, phase)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self, phase: str) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started:  # answering already: the answer finishes, then the connection closes
+                cycle.keep_alive = False
+                return
+            # The body stopped coming: the request is abandoned, and its handler sees the client gone.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        limit = self.head_timeout if phase == "head" else self.body_timeout
+        self._close_with(TIMEOUT, f"{phase}_timeout", "sent no complete request %s in %g s: 408", phase, limit)
+
+    # -- the head: its size, its fields ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused or self.transport.is_closing():
+            return
+        in_head = self._in_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._close_with(MALFORMED, "malformed", "sent a malformed request (%s): 400", exc)
+            return
+        except httptools.HttpParserUpgrade:
+            # CONNECT, or an Upgrade header: answered as a plain request (there are no WebSockets here).
+            self._problem("upgrade", "asked to upgrade the connection (%s): answered as plain HTTP", self._upgrade())
+        if in_head and self._in_head and not self.transport.is_closing():
+            # Still inside the head: counted as it streams, so that an endless header is cut, not buffered.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._close_with(TOO_LARGE, "head_too_large", "sent a request head over %d bytes: 431", MAX_HEAD_BYTES)
+
+    def _upgrade(self) -> str:
+        upgrade = self._get_upgrade() if self.headers else None
+        return upgrade.decode(errors="replace")[:32] if upgrade else "CONNECT"
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn's two lines (one advising a WebSocket library) give way to data_received's one."""
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None:  # a new request on a kept-alive connection: its head has a deadline too
+            self._await_head()
+
+    def on_url(self, url: bytes) -> None:
+        self._field_bytes += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._field_bytes += len(name) + len(value) + 4
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        _waiting.pop(self, None)
+        self._in_head = False
+        if self._header_count > MAX_HEADERS:
+            self._close_with(TOO_LARGE, "head_too_large", "sent more than %d header fields: 431", MAX_HEADERS)
+            return
+        if self._field_bytes > MAX_HEAD_BYTES:  # a head that arrived whole in one read
+            self._close_with(TOO_LARGE, "head_too_large", "sent a request head over %d bytes: 431", MAX_HEAD_BYTES)
+            return
+        self._set_deadline(self.body_timeout, "body")
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self.transport.is_closing():
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.transport.is_closing():
+            return
+        self._cancel_deadline()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            # Idle until the next request (uvicorn's keep-alive timeout closes it): the first a new
+            # connection may close when the worker is at its cap.
+            self._in_head = True
+            _waiting[self] = None
+
+    def _close_with(self, response: bytes, reason: str, message: str, *args: Any) -> None:
+        self._problem(reason, message, *args)
+        self._cancel_deadline()
+        _waiting.pop(self, None)
+        self.transport.write(response)
+        self.transport.close()
+
+    def _problem(self, reason: str, message: str, *args: Any) -> None:
+        metrics.count(metrics.connection_problems, reason)
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        _warn.warning(reason, "%s " + message, client, *args)
+
+
+def _evict_oldest_waiting(limit: int) -> bool:
+    """Close the oldest connection that has not sent a complete request head; False if there is none."""
+    while _waiting:
+        oldest, _ = _waiting.popitem(last=False)
+        if not oldest.transport.is_closing():
+            oldest._close_with(b"", "evicted", "was waiting for a request head at the limit of %d connections", limit)
+            oldest.connections.discard(oldest)
+            return True
+    return False

@@ -1,0 +1,172 @@
+"""The connection layer (service/protocol.py) against raw sockets: deadlines, caps, and what it logs.
+
+One service from the Procfile, with short deadlines (1 s) and a small connection
+cap (40), so that each limit is reached in a test's time.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from tests.conftest import wait_until
+from tests.procfile import Service
+
+pytestmark = pytest.mark.process
+
+CAP = 40
+
+
+@pytest.fixture(scope="module")
+def limited(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    from tests.conftest import redis_prefix
+    from tests.procfile import service_environment
+
+    env = service_environment(
+        postgres_url,
+        redis_url,
+        REDIS_KEY_PREFIX=redis_prefix(),
+        HTTP_HEAD_TIMEOUT="1",
+        HTTP_BODY_TIMEOUT="2",  # not the head's: a body must be cut by its own deadline
+        HTTP_MAX_CONNECTIONS=str(CAP),
+    )
+    service = Service(env, tmp_path_factory.mktemp("connections") / "service.log")
+    service.wait_ready()
+    yield service
+    service.stop(__import__("signal").SIGTERM)
+
+
+def _connect(service: Service) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", service.port), timeout=5)
+
+
+def _answer(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and how long that took."""
+    sock.settimeout(timeout)
+    started = time.monotonic()
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received, time.monotonic() - started
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+def test_a_silent_connection_is_answered_408_and_closed_at_its_deadline(limited: Service) -> None:
+    with _connect(limited) as sock:
+        answer, waited = _answer(sock)
+    assert _status(answer) == 408 and 0.8 < waited < 3.0, (answer, waited)
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["status"] == 408
+
+
+def test_a_head_sent_slowly_is_cut_at_its_deadline(limited: Service) -> None:
+    with _connect(limited) as sock:
+        sock.sendall(b"POST /decisions HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(3):  # a header a while, never the end of the head
+            time.sleep(0.4)
+            sock.sendall(b"X-Slow: 1\r\n")
+        answer, _ = _answer(sock)
+    assert _status(answer) == 408
+
+
+def test_a_body_that_stops_coming_is_answered_408(limited: Service) -> None:
+    with _connect(limited) as sock:
+        sock.sendall(
+            b"POST /decisions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        answer, waited = _answer(sock)
+    assert _status(answer) == 408 and 1.7 < waited < 4.0, (answer, waited)
+    assert wait_until(lambda: "sent no complete request body in 2 s: 408" in limited.log(), timeout=2)
+
+
+def _rss_mib(service: Service) -> float:
+    status = Path(f"/proc/{service.process.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+@pytest.mark.parametrize("head", ["one huge header", "streamed without end", "too many fields"])
+def test_a_head_over_its_caps_is_answered_431_and_never_buffered_whole(limited: Service, head: str) -> None:
+    before = _rss_mib(limited)
+    sent = 0
+    with _connect(limited) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
+        try:
+            if head == "one huge header":
+                sock.sendall(b"X-Big: " + b"a" * 64 * 1024 + b"\r\n\r\n")
+            elif head == "streamed without end":
+                sock.sendall(b"X-Endless: ")
+                for _ in range(64 * 1024):  # up to 64 MiB, a KiB at a time: the server cuts it after 16 KiB
+                    sock.sendall(b"a" * 1024)
+                    sent += 1024
+            else:
+                sock.sendall(b"".join(b"X-Field-%d: 1\r\n" % i for i in range(150)) + b"\r\n")
+            answer, _ = _answer(sock)
+        except (BrokenPipeError, ConnectionResetError):
+            # Closed while we were still sending (the unread rest makes it a reset, which may discard the 431
+            # before we read it): what the cap is for.
+            answer = b""
+    if head == "streamed without end":
+        assert sent < 4 * 1024 * 1024, "cut within a few MiB of socket buffers, not streamed on"
+    else:
+        assert _status(answer) == 431, answer[:200]
+    assert _rss_mib(limited) - before < 20
+
+
+def test_at_its_connection_cap_a_worker_closes_the_oldest_silent_connection_to_let_a_new_one_in(
+    limited: Service,
+) -> None:
+    silent = [_connect(limited) for _ in range(CAP + 10)]
+    try:
+        time.sleep(0.2)
+        # Probes still get in: each new connection closes the oldest one that has sent nothing.
+        for _ in range(5):
+            started = time.monotonic()
+            assert httpx.get(f"{limited.url}/health/live", timeout=2).status_code == 200
+            assert time.monotonic() - started < 0.5
+    finally:
+        for sock in silent:
+            sock.close()
+    log = limited.log()
+    assert "was waiting for a request head at the limit of 40 connections" in log
+    metrics = httpx.get(f"{limited.url}/metrics", timeout=2).text
+    assert 'http_connection_problems_total{reason="evicted"}' in metrics
+
+
+def test_malformed_requests_and_upgrades_are_logged_once_a_second_with_the_client_and_no_advice(
+    limited: Service,
+) -> None:
+    before = len(limited.log().splitlines())
+    for _ in range(20):
+        with _connect(limited) as sock:
+            sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            answer, _ = _answer(sock)
+        assert _status(answer) == 400
+    for request in (
+        b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    ):
+        with _connect(limited) as sock:
+            sock.sendall(request)
+            sock.settimeout(2)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 ")  # answered as plain HTTP
+    time.sleep(0.1)
+    new = limited.log().splitlines()[before:]
+    malformed = [line for line in new if "sent a malformed request" in line]
+    assert 1 <= len(malformed) <= 3 and "127.0.0.1:" in malformed[0], new
+    upgrades = [line for line in new if "asked to upgrade" in line]
+    assert upgrades and all("127.0.0.1:" in line for line in upgrades), new
+    assert not any("pip install" in line or "WebSocket library" in line for line in new), new
+
+
+def test_the_service_answered_no_5xx_and_logged_no_traceback(limited: Service, tmp_path: Path) -> None:
+    log = limited.log()
+    assert "Traceback" not in log
+    assert not [line for line in log.splitlines() if " 500 " in line or " 502 " in line]
