@@ -40,6 +40,30 @@ RETRY_AFTER_SECONDS = 5
 logger = logging.getLogger(__name__)
 
 
+# A problem document quotes at most this much of any offending value, key or path, and its detail is cut here:
+# bad input is never echoed back at length (a 900 KB bad value once made a 1.8 MB answer).
+QUOTE_LIMIT = 64
+DETAIL_LIMIT = 1024
+_QUOTED = re.compile(rf"(`|'|\")([^`'\"]{{{QUOTE_LIMIT + 1},}})\1")
+# An unquoted run as long, such as a JSON path through an overlong key.
+_RUN = re.compile(rf"[^\s`'\"…]{{{QUOTE_LIMIT + 1},}}")
+
+
+def shortened(text: str) -> str:
+    """`text` with every quoted run, and every unbroken one, longer than QUOTE_LIMIT cut to its start, and the whole
+    to DETAIL_LIMIT."""
+    if len(text) <= QUOTE_LIMIT:
+        return text
+    text = _QUOTED.sub(lambda m: f"{m[1]}{m[2][:QUOTE_LIMIT]}…{m[1]} (cut, {len(m[2]):,} characters)", text)
+    text = _RUN.sub(lambda m: f"{m[0][:QUOTE_LIMIT]}…", text)
+    return text if len(text) <= DETAIL_LIMIT else text[:DETAIL_LIMIT] + "… (cut)"
+
+
+def quoted(value: str) -> str:
+    """A value for a message: its repr, cut to QUOTE_LIMIT characters."""
+    return repr(value) if len(value) <= QUOTE_LIMIT else f"{value[:QUOTE_LIMIT]!r}… (cut, {len(value):,} characters)"
+
+
 class ServiceError(Exception):
     """An error with an HTTP status and a problem document."""
 
@@ -49,8 +73,8 @@ class ServiceError(Exception):
 
     def __init__(self, detail: str, errors: list[ProblemError] | None = None) -> None:
         super().__init__(detail)
-        self.detail = detail
-        self.errors = errors or []
+        self.detail = shortened(detail)
+        self.errors = [ProblemError(shortened(e.path), shortened(e.message)) for e in errors or []]
 
     def headers(self) -> dict[str, str]:
         return {}
@@ -223,11 +247,11 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 (routing) as problem documents."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return problem_response(NotFound(f"There is no resource at {request.url.path}."))
+        return problem_response(NotFound(f"There is no resource at {quoted(request.url.path)}."))
     if exc.status_code == 405:
         allow = (exc.headers or {}).get("Allow", "")
         return problem_response(
-            MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}; allowed: {allow}.", allow)
+            MethodNotAllowed(f"{request.method} is not allowed on {quoted(request.url.path)}; allowed: {allow}.", allow)
         )
     error = ServiceError(str(exc.detail))
     error.status, error.title = exc.status_code, str(exc.detail)

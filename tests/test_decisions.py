@@ -193,6 +193,29 @@ def test_create_decision_rejects_chunked_body_over_limit(client: TestClient) -> 
     assert_problem(response, 413)
 
 
+LONG = "x" * 900_000
+
+
+@pytest.mark.parametrize(
+    ("path", "change"),
+    [
+        ("/decisions", lambda a: {**a, "purpose": LONG}),  # a bad enum value
+        ("/decisions", lambda a: {**a, LONG: 1}),  # an unknown key
+        ("/decisions", lambda a: {**a, "housing": "own " * 200_000}),  # a value with spaces
+        ("/decisions/batch", lambda a: {"applicants": [{**a, "k" * 7_000: 1}] * 1000}),  # a 7 MB batch
+    ],
+    ids=["enum", "key", "spaced", "batch"],
+)
+def test_problems_quote_only_a_short_prefix_of_bad_input(
+    client: TestClient, applicant: dict, path: str, change: Any
+) -> None:
+    response = client.post(path, content=json.dumps(change(applicant)), headers={"Content-Type": "application/json"})
+    body = assert_problem(response, 422)
+    assert len(response.content) < 2048, len(response.content)
+    assert "…" in body["detail"]
+    assert "x" * 65 not in response.text and "k" * 65 not in response.text
+
+
 # -- batch ------------------------------------------------------------------------------------
 
 

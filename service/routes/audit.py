@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service import cursors
-from service.errors import InvalidParameter, NotFound, ServiceUnavailable
+from service.errors import InvalidParameter, NotFound, ServiceUnavailable, quoted
 from service.keys import authorize, authorize_admin
 from service.routes.bodies import json_response
 from service.routes.params import limit, timestamp
@@ -43,14 +43,14 @@ def _reference(request: Request) -> str | None:
     if raw is None:
         return None
     if not 1 <= len(raw) <= 64 or not raw.isascii() or not raw.isprintable():
-        raise InvalidParameter(f"reference must be 1 to 64 printable ASCII characters, got {raw!r}.")
+        raise InvalidParameter(f"reference must be 1 to 64 printable ASCII characters, got {quoted(raw)}.")
     return raw
 
 
 def _decision(request: Request) -> str | None:
     raw = request.query_params.get("decision")
     if raw is not None and raw not in DECISIONS:
-        raise InvalidParameter(f"decision must be one of {', '.join(DECISIONS)}, got {raw!r}.")
+        raise InvalidParameter(f"decision must be one of {', '.join(DECISIONS)}, got {quoted(raw)}.")
     return raw
 
 

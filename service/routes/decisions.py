@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service import metrics
-from service.errors import Conflict, IdempotencyKeyReused, InvalidHeader, InvalidParameter, NotFound
+from service.errors import Conflict, IdempotencyKeyReused, InvalidHeader, InvalidParameter, NotFound, quoted
 from service.keys import authorize, authorize_audit
 from service.models.assignment import ModelSet
 from service.routes.bodies import decode, json_response, read_json_body
@@ -168,7 +168,7 @@ async def get_decision(request: Request) -> Response:
     if include is not None:
         authorize_audit(request)  # who asks comes first: without an audit key, the parameter is not theirs to use
         if include != "applicant":
-            raise InvalidParameter(f"include may only be `applicant`, got {include!r}.")
+            raise InvalidParameter(f"include may only be `applicant`, got {quoted(include)}.")
         return await _audited(request)
     authorize(request, read_only=True)
     # The route's uuid convertor already turned anything else into a 404.

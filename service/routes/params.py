@@ -6,7 +6,7 @@ import datetime as dt
 
 from starlette.requests import Request
 
-from service.errors import InvalidParameter
+from service.errors import InvalidParameter, quoted
 from service.monitoring import DEFAULT_WINDOW
 
 # Times outside these bounds are refused: windows are computed from them (until - 10 years) without overflowing.
@@ -23,9 +23,11 @@ def timestamp(request: Request, name: str) -> dt.datetime | None:
         # A time without an offset is read as UTC, the zone every stored time is in.
         value = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
     except (ValueError, OverflowError):
-        raise InvalidParameter(f"{name} must be an ISO 8601 time such as 2026-11-29T10:15:00Z, got {raw!r}.") from None
+        raise InvalidParameter(
+            f"{name} must be an ISO 8601 time such as 2026-11-29T10:15:00Z, got {quoted(raw)}."
+        ) from None
     if not EARLIEST <= value < LATEST:
-        raise InvalidParameter(f"{name} must be between {EARLIEST.year} and {LATEST.year}, got {raw!r}.")
+        raise InvalidParameter(f"{name} must be between {EARLIEST.year} and {LATEST.year}, got {quoted(raw)}.")
     return value
 
 
@@ -43,5 +45,5 @@ def limit(request: Request, default: int, most: int) -> int:
     if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
-        raise InvalidParameter(f"limit must be an integer from 1 to {most}, got {raw!r}.")
+        raise InvalidParameter(f"limit must be an integer from 1 to {most}, got {quoted(raw)}.")
     return int(raw)
