@@ -10,7 +10,7 @@ from starlette.middleware import Middleware
 
 from service.errors import ServiceError, handle_http_exception, handle_service_error
 from service.lifecycle import Lifecycle, QuietStartupFailure, Step, default_steps
-from service.middleware import Admission, RequestContext
+from service.middleware import Admission, Gate, RequestContext
 from service.routes import ROUTES
 from service.settings import Settings
 
@@ -19,7 +19,12 @@ def create_app(settings: Settings | None = None, steps: Sequence[Step] | None = 
     """Build the app; with no settings, start-up reads them from the environment."""
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(QuietStartupFailure), Middleware(Admission), Middleware(RequestContext)],
+        middleware=[
+            Middleware(QuietStartupFailure),
+            Middleware(Admission),
+            Middleware(RequestContext),
+            Middleware(Gate),
+        ],
         exception_handlers={ServiceError: handle_service_error, HTTPException: handle_http_exception},
         lifespan=Lifecycle(steps if steps is not None else default_steps(settings)),
     )

@@ -108,3 +108,20 @@ def authorize_admin(request: Request) -> Key:
         raise Forbidden("This endpoint needs an admin key (one of ADMIN_API_KEYS) as `Authorization: Bearer <key>`.")
     logs.key_id.set(key.id)
     return key
+
+
+def authenticate(request: Request) -> None:
+    """Before routing, for the API's paths: a key this service knows, of any role (or none while the API is open).
+
+    So that a caller without a key learns nothing about the routes (no 404 for an id
+    that is not one, no 405 for a method): 401 first. Each handler still checks the
+    key's role.
+    """
+    state = request.app.state
+    if not state.api_keys:
+        return
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("Send the API key as `Authorization: Bearer <key>`.")
+    if not any(ring.match(token) for ring in (state.api_keys, state.audit_keys, state.admin_keys)):
+        raise Unauthorized("The API key is not valid.")

@@ -1,4 +1,4 @@
-"""The outer layers of every request: admission, its id, its access line, and the last-resort 500.
+"""The outer layers of every request: admission, its id, its access line, authentication before routing.
 
 Pure ASGI rather than BaseHTTPMiddleware: it adds no task or stream copy per request.
 """
@@ -10,9 +10,10 @@ import os
 import re
 import time
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import logs, metrics
+from service import keys, logs, metrics
 from service.errors import AtCapacity, ClientGone, ServiceError, problem_response
 
 access_logger = logging.getLogger("service.access")
@@ -165,3 +166,24 @@ class RequestContext:
             logs.key_id.reset(key_token)
             logs.trace_id.reset(trace_token)
             logs.request_id.reset(token)
+
+
+class Gate:
+    """Authentication before routing: `/decisions*` and `/monitoring` need a known key (with API_KEYS set),
+    `/admin*` an admin key, whatever the method or the rest of the path; each route still checks the role."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            try:
+                if path.startswith("/admin"):
+                    keys.authorize_admin(Request(scope))
+                elif path.startswith("/decisions") or path == "/monitoring":
+                    keys.authenticate(Request(scope))
+            except ServiceError as exc:
+                await problem_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

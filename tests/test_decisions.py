@@ -357,6 +357,19 @@ def test_api_keys_guard_decisions(settings: Settings, applicant: dict) -> None:
         assert client.get(ok.headers["location"], headers={"Authorization": "Bearer k-one"}).status_code == 200
         for open_path in ("/health/live", "/health/ready", "/model"):
             assert client.get(open_path).status_code == 200
+        # Who asks comes before what is asked: without a key, no 404 for a path, no 405 for a method.
+        for method, path in [
+            ("GET", "/decisions/not-a-uuid"),
+            ("DELETE", f"/decisions/{uuid.uuid4()}"),
+            ("PATCH", "/decisions"),
+            ("GET", "/decisions/batch/x"),
+            ("GET", "/monitoring"),
+        ]:
+            assert_problem(client.request(method, path), 401)
+            assert_problem(client.request(method, path, headers={"Authorization": "Bearer nope"}), 401)
+        # With no ADMIN_API_KEYS the admin endpoints are off, whatever the path.
+        assert "ADMIN_API_KEYS" in assert_problem(client.put("/admin/nothing-here"), 403)["detail"]
+        assert_problem(client.get("/decisions/not-a-uuid", headers={"Authorization": "Bearer k-one"}), 404)
 
 
 # -- model, health, request ids ---------------------------------------------------------------
