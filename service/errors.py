@@ -13,6 +13,7 @@
     ├── PayloadTooLarge             413  body over the route's limit
     ├── UnsupportedMediaType        415  Content-Type is not JSON
     ├── ValidationFailed            422  JSON of the wrong shape, type, range or enum
+    │   ├── DuplicateKey            422  a key twice in one JSON object
     │   ├── IdempotencyKeyReused    422  same Idempotency-Key, other body
     │   └── ModelRefused            422  a model version that cannot be loaded or cannot take that role
     └── ServiceUnavailable          503  system of record unreachable, or shutting down
@@ -160,6 +161,12 @@ class ValidationFailed(ServiceError):
     """Well-formed JSON that is not a valid request."""
 
     status, title, slug = 422, "Invalid request", "validation-error"
+
+
+class DuplicateKey(ValidationFailed):
+    """A JSON object names a key twice: which one counts would depend on who reads it."""
+
+    title, slug = "Duplicate key", "duplicate-key"
 
 
 class IdempotencyKeyReused(ValidationFailed):

@@ -193,6 +193,40 @@ def test_create_decision_rejects_chunked_body_over_limit(client: TestClient) -> 
     assert_problem(response, 413)
 
 
+def _with_duplicate(applicant: dict, key: str, value: Any, spelled: str | None = None) -> str:
+    """The applicant as JSON text with `key` given a second time, last, as `spelled` (an escaped form, say)."""
+    return json.dumps(applicant)[:-1] + f', "{spelled or key}": {json.dumps(value)}}}'
+
+
+@pytest.mark.parametrize("spelled", ["age", "\\u0061ge"], ids=["plain", "escaped"])
+def test_a_key_given_twice_is_refused_naming_it(
+    client: TestClient, settings: Settings, applicant: dict, spelled: str
+) -> None:
+    before = count_rows(settings)
+    body = _with_duplicate(applicant, "age", 99, spelled)
+    response = client.post("/decisions", content=body, headers={"Content-Type": "application/json"})
+    problem = assert_problem(response, 422)
+    assert problem["type"].endswith("/duplicate-key") and "'age'" in problem["detail"], problem
+    batch = '{"applicants": [' + json.dumps(applicant) + ", " + _with_duplicate(applicant, "job", "skilled") + "]}"
+    response = client.post("/decisions/batch", content=batch, headers={"Content-Type": "application/json"})
+    assert "'job'" in assert_problem(response, 422)["detail"]
+    assert count_rows(settings) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        lambda a: {**a, "reference": "APP:2026:1"},  # a ':' inside a string
+        lambda a: {**a, "reference": None},  # a member whose value is the default
+        lambda a: {**a, "reference": 'the key "age": 99'},  # a key's spelling inside a string
+    ],
+    ids=["colons", "explicit-null", "quoted-key"],
+)
+def test_bodies_that_only_look_like_duplicates_are_accepted(client: TestClient, applicant: dict, body: Any) -> None:
+    response = client.post("/decisions", json=body(applicant))
+    assert response.status_code == 201, response.text
+
+
 LONG = "x" * 900_000
 
 
