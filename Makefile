@@ -7,7 +7,7 @@ RUNTIME := $(BIN)/.installed
 DEV := $(BIN)/.installed-dev
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run migrate test chaos lint train report bench bench-monitoring bench-audit rehearse image clean
+.PHONY: run migrate test chaos lint train report bench bench-monitoring bench-audit rehearse image mutants clean
 
 $(RUNTIME): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -78,3 +78,7 @@ rehearse: $(DEV)
 ## bench-audit: the search on 1 million decisions (plans and times) and retention's rate (about 2 minutes)
 bench-audit: $(DEV)
 	$(BIN)/python -m bench.audit
+
+## mutants: one deliberate bug at a time against the tests that must catch it; prints killed/survived (about 5 minutes)
+mutants: $(DEV)
+	$(BIN)/python -m tests.mutants

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from starlette.testclient import TestClient
@@ -42,6 +43,41 @@ def test_info_logs_hold_no_applicant_data_or_api_key(
     assert "wrong-key" not in caplog.text
     assert "98765" not in caplog.text
     assert "retraining" not in caplog.text
+
+
+def test_debug_logs_hold_no_secrets_either(
+    settings: Settings, caplog: pytest.LogCaptureFixture, applicant: dict
+) -> None:
+    """Every logger at DEBUG (ours, uvicorn's, psycopg's, the pool's): no API key and no database password."""
+    caplog.set_level(logging.DEBUG)
+    database_url, password = settings.database_url, "db-secret-3"
+    if database_url:
+        parts = urlsplit(database_url)
+        if parts.password:  # a server that checks passwords: look for the real one
+            password = parts.password
+        else:  # trust authentication ignores it, and a driver that logged its URL would show it
+            netloc = f"{parts.username}:{password}@{parts.hostname}:{parts.port or 5432}"
+            database_url = urlunsplit(parts._replace(netloc=netloc))
+    keyed = dataclasses.replace(
+        settings,
+        log_level="DEBUG",  # start-up sets the root logger's level from it
+        api_keys=(("app", "app-secret-1"),),
+        admin_keys=(("ops", "admin-secret-2"),),
+        database_url=database_url,
+    )
+    with TestClient(create_app(keyed)) as client:
+        assert logging.getLogger().getEffectiveLevel() == logging.DEBUG
+        assert (
+            client.post("/decisions", json=applicant, headers={"Authorization": "Bearer app-secret-1"}).status_code
+            == 201
+        )
+        assert (
+            client.post("/decisions", json=applicant, headers={"Authorization": "Bearer wrong-secret-4"}).status_code
+            == 401
+        )
+        assert client.get("/admin/models", headers={"Authorization": "Bearer admin-secret-2"}).status_code == 200
+    for secret in ("app-secret-1", "admin-secret-2", password, "wrong-secret-4"):
+        assert secret not in caplog.text, secret
 
 
 def test_json_format_writes_one_object_per_line_with_request_id() -> None:

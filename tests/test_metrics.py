@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
+import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx2 as httpx
+import psycopg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
+from service.app import create_app
 from service.settings import Settings
 from tests.conftest import wait_until
 from tests.procfile import Service
@@ -51,20 +57,41 @@ def test_metrics_count_requests_decisions_and_cache(client: TestClient, settings
         assert value(after, "db_pool_connections") >= 1
 
 
-def test_metrics_count_store_errors(client: TestClient) -> None:
-    before = samples(client.get("/metrics").text)
-    store = client.app.state.store  # type: ignore[attr-defined]
+@pytest.fixture
+def held_store(settings: Settings) -> Iterator[tuple[Settings, Callable[[], None]]]:
+    """The test's settings with a short request timeout, and a way to hold the decisions table from outside.
 
-    async def failing_get(decision_id: object) -> None:
-        from service import metrics
-        from service.errors import StoreUnavailable
+    The lock is a real failure of the real back end: PostgreSQL makes the INSERT wait
+    for an ACCESS EXCLUSIVE lock past the request's bound, SQLite answers "database is
+    locked" once its busy timeout has passed.
+    """
+    held: list[Callable[[], None]] = []
 
-        metrics.count(metrics.store_errors)
-        raise StoreUnavailable("down for the test")
+    def hold() -> None:
+        if settings.database_url:
+            pg = psycopg.connect(settings.database_url)
+            pg.execute("LOCK TABLE decisions IN ACCESS EXCLUSIVE MODE")
+            held.append(pg.close)  # closing without a commit rolls back and releases it
+        else:
+            lite = sqlite3.connect(settings.sqlite_path, isolation_level=None)
+            lite.execute("BEGIN EXCLUSIVE")
+            held.append(lite.close)
 
-    store.get = failing_get
-    assert client.get("/decisions/00000000-0000-4000-8000-000000000001").status_code == 503
-    after = samples(client.get("/metrics").text)
+    try:
+        yield dataclasses.replace(settings, database_request_timeout=0.3), hold
+    finally:
+        for release in held:
+            release()
+
+
+def test_metrics_count_store_errors(held_store: tuple[Settings, Callable[[], None]], applicant: dict) -> None:
+    short, hold = held_store
+    with TestClient(create_app(short)) as client:
+        before = samples(client.get("/metrics").text)
+        hold()
+        response = client.post("/decisions", json=applicant)
+        assert response.status_code == 503, response.text
+        after = samples(client.get("/metrics").text)
     assert value(after, "store_errors_total") - value(before, "store_errors_total") == 1
 
 

@@ -135,13 +135,46 @@ async def test_store_insert_many_is_all_or_nothing(store: Store, credit_model: S
         assert await store.get(record.decision.id) is None
 
 
+async def test_store_keyed_insert_many_is_all_or_nothing(store: Store, credit_model: ScorecardModel) -> None:
+    """A batch with an idempotency key: its key row and the rest commit together or not at all."""
+    committed = make_record(credit_model, 0)
+    await store.insert_many([committed])
+    key = f"k-{uuid.uuid4()}"
+    batch = [make_record(credit_model, 1, key), *(make_record(credit_model, i) for i in range(2, 6))]
+    clash = Record(msgspec.structs.replace(batch[-1].decision, id=committed.decision.id), batch[-1].applicant)
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        await store.insert_many([*batch[:-1], clash])
+    for record in batch[:-1]:
+        assert await store.get(record.decision.id) is None
+    # The key was not taken by the failed batch: the same key now records the whole batch.
+    assert await store.insert_many(batch) is None
+    for record in batch:
+        assert await store.get(record.decision.id) == record.decision
+
+
+async def test_store_ping_answers_and_refuses_a_database_that_cannot_record(
+    store: Store, request: pytest.FixtureRequest
+) -> None:
+    assert await store.ping() is None
+    if isinstance(store, PostgresStore):
+        # A session that can read but not write, as on a standby after a failover.
+        read_only = await PostgresStore.open(
+            request.getfixturevalue("postgres_url") + "?options=-c%20default_transaction_read_only%3Don",
+            pool_size=1,
+            connect_timeout=3,
+            request_timeout=3,
+            application_name="credit-scoring-test-store",
+        )
+        try:
+            with pytest.raises(StoreUnavailable, match="read-only"):
+                await read_only.ping()
+        finally:
+            await read_only.close()
+
+
 async def test_store_migration_is_idempotent(store: Store) -> None:
     assert await store.migrate() == []
     assert await store.migrate() == []
-
-
-async def test_store_ping_answers(store: Store) -> None:
-    await store.ping()
 
 
 async def test_postgres_store_open_fails_fast_when_unreachable() -> None:
