@@ -34,7 +34,7 @@ migrate: $(RUNTIME)
 test: $(DEV)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## chaos: the long chaos suite (load, signals, outages); `make test` runs the short one
+## chaos: the long chaos suite (load, signals, outages, hostile connections); `make test` runs the short one
 chaos: $(DEV)
 	CHAOS=long $(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
 
