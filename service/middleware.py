@@ -178,6 +178,9 @@ class Gate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path: str = scope["path"]
+            root: str = scope.get("root_path", "")
+            if root and path.startswith(root):  # behind a prefix (--root-path): routing matches what follows it
+                path = path[len(root) :]
             try:
                 if path.startswith("/admin"):
                     keys.authorize_admin(Request(scope))

@@ -7,9 +7,11 @@ grows. The Procfile runs uvicorn with `--http service.protocol:HardenedProtocol`
 this subclass, which adds, per worker:
 
 - a deadline for the request head (request line and headers, HEAD_TIMEOUT from
-  the connection's start or from the end of the previous response) and one for
-  the body (BODY_TIMEOUT from the end of the head; HTTP_HEAD_TIMEOUT and
-  HTTP_BODY_TIMEOUT set them): past it, 408 and close;
+  the connection's start, or on a kept-alive connection from the next request's
+  first byte: until then uvicorn's keep-alive timeout governs) and one for the
+  body (BODY_TIMEOUT from the end of the head, for the whole body: an 8 MiB
+  batch needs ~280 KB/s; HTTP_HEAD_TIMEOUT and HTTP_BODY_TIMEOUT set them): past
+  it, 408 and close;
 - caps on the head: MAX_HEAD_BYTES in all and MAX_HEADERS fields: past either,
   431 and close (counted as bytes arrive, so a header streamed without end is cut
   at the cap, not buffered);
@@ -19,10 +21,14 @@ this subclass, which adds, per worker:
   slowloris socket, or an idle keep-alive one), so probes and real clients still
   get in; only when every connection is busy with a request is the new one
   refused with 503 at once;
+- malformed requests (CONNECT among them) answered 400 and closed; an Upgrade
+  request answered as plain HTTP and the connection then closed (httptools stops
+  parsing at an upgrade, so anything sent after it would otherwise be read as a
+  request of its own);
 - one warning line, at most once a second per kind, with the client's address and
-  how many times it happened, for all of the above and for malformed requests and
-  upgrade attempts (which uvicorn logged twice, without an address, advising a
-  WebSocket library). Each is counted in `http_connection_problems_total{reason}`.
+  how many times it happened, for all of the above (uvicorn logged upgrades twice,
+  without an address, advising a WebSocket library). Each is counted in
+  `http_connection_problems_total{reason}`.
 
 A subclass rather than a proxy's settings alone: a platform may put none in front
 (a Heroku dyno takes connections from its router, a Kubernetes pod from anywhere
@@ -56,6 +62,8 @@ MAX_HEADERS = 100
 RESERVED_DESCRIPTORS = 256
 # Each open connection costs a worker ~7 KB (its protocol, parser and buffers): 4,096 of them ~28 MB.
 MAX_CONNECTIONS_CEILING = 4096
+# Seconds a connection closed with an answer still unwritten (its client does not read) keeps its socket.
+CLOSE_GRACE_SECONDS = 1.0
 
 logger = logging.getLogger("service.connections")
 _warn = Throttled(logger)
@@ -110,8 +118,14 @@ class HardenedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._field_bytes = 0
         self._header_count = 0
+        # Whether the parser is inside a request head (or waiting for one), how many messages it has begun,
+        # and whether the last one begun has been received whole.
         self._in_head = True
+        self._begun = 0
+        self._message_done = False
         self._refused = False
+        # An upgrade request was answered as plain HTTP: what follows it on the connection is not read.
+        self._upgraded = False
 
     # -- the connection cap -------------------------------------------------------------------
 
@@ -125,7 +139,8 @@ class HardenedProtocol(HttpToolsProtocol):
             transport.close()
             return
         super().connection_made(transport)
-        self._await_head()
+        _waiting[self] = None
+        self._set_deadline(self.head_timeout, "head")
 
     def connection_lost(self, exc: Exception | None) -> None:
         _waiting.pop(self, None)
@@ -135,13 +150,6 @@ class HardenedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     # -- deadlines ---------------------------------------------------------------------------
-
-    def _await_head(self) -> None:
-        """From here the next request head must arrive whole within HEAD_TIMEOUT."""
-        self._in_head = True
-        self._head_bytes = self._field_bytes = self._header_count = 0
-        _waiting[self] = None
-        self._set_deadline(self.head_timeout, "head")
 
     def _set_deadline(self, seconds: float, phase: str) -> None:
         self._cancel_deadline()
@@ -156,6 +164,7 @@ class HardenedProtocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
+        answer = TIMEOUT
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             if cycle.response_started:  # answering already: the answer finishes, then the connection closes
@@ -164,40 +173,55 @@ class HardenedProtocol(HttpToolsProtocol):
             # The body stopped coming: the request is abandoned, and its handler sees the client gone.
             cycle.disconnected = True
             cycle.message_event.set()
+        elif phase == "body":
+            # Answered before its body was read (a 401, a 413): a 408 now would be taken for the next answer.
+            answer = b""
         limit = self.head_timeout if phase == "head" else self.body_timeout
-        self._close_with(TIMEOUT, f"{phase}_timeout", "sent no complete request %s in %g s: 408", phase, limit)
+        self._close_with(answer, f"{phase}_timeout", "sent no complete request %s in %g s: 408", phase, limit)
 
     # -- the head: its size, its fields ---------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._refused or self.transport.is_closing():
+        if self._refused or self._upgraded or self.transport.is_closing():
             return
-        in_head = self._in_head
+        # As uvicorn's own: a request arriving on a kept-alive connection stops its idle timer.
+        self._unset_keepalive_if_required()
+        in_head, begun = self._in_head, self._begun
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._close_with(MALFORMED, "malformed", "sent a malformed request (%s): 400", exc)
             return
         except httptools.HttpParserUpgrade:
-            # CONNECT, or an Upgrade header: answered as a plain request (there are no WebSockets here).
+            # An Upgrade header: answered as a plain request (there are no WebSockets here), then closed,
+            # since httptools stops at the upgrade: a body or a request after it would be read as the next one.
+            self._upgraded = True
+            if self.cycle is not None:
+                self.cycle.keep_alive = False
             self._problem("upgrade", "asked to upgrade the connection (%s): answered as plain HTTP", self._upgrade())
-        if in_head and self._in_head and not self.transport.is_closing():
-            # Still inside the head: counted as it streams, so that an endless header is cut, not buffered.
+            return
+        if in_head and self._in_head and self._begun == begun and not self.transport.is_closing():
+            # Still inside the same head: counted as it streams, so that an endless header is cut, not buffered.
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._close_with(TOO_LARGE, "head_too_large", "sent a request head over %d bytes: 431", MAX_HEAD_BYTES)
 
     def _upgrade(self) -> str:
         upgrade = self._get_upgrade() if self.headers else None
-        return upgrade.decode(errors="replace")[:32] if upgrade else "CONNECT"
+        return upgrade.decode(errors="replace")[:32] if upgrade else "unknown"
 
     def _unsupported_upgrade_warning(self) -> None:
         """uvicorn's two lines (one advising a WebSocket library) give way to data_received's one."""
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._deadline is None:  # a new request on a kept-alive connection: its head has a deadline too
-            self._await_head()
+        self._begun += 1
+        self._message_done = False
+        self._in_head = True
+        self._head_bytes = self._field_bytes = self._header_count = 0
+        _waiting[self] = None
+        if self._deadline is None:  # a request on a kept-alive connection: its head's deadline runs from here
+            self._set_deadline(self.head_timeout, "head")
 
     def on_url(self, url: bytes) -> None:
         self._field_bytes += len(url)
@@ -209,6 +233,8 @@ class HardenedProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if self.transport.is_closing():  # refused already: a request pipelined behind it never reaches the app
+            return
         _waiting.pop(self, None)
         self._in_head = False
         if self._header_count > MAX_HEADERS:
@@ -228,22 +254,34 @@ class HardenedProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         self._cancel_deadline()
+        self._message_done = True
         super().on_message_complete()
+        self._idle_if_done()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            # Idle until the next request (uvicorn's keep-alive timeout closes it): the first a new
-            # connection may close when the worker is at its cap.
+        self._idle_if_done()
+
+    def _idle_if_done(self) -> None:
+        """Once the request is read whole and answered, with nothing pipelined behind it, the connection waits
+        for its next head (uvicorn's keep-alive timeout closes it if none comes): the first a new connection may
+        close when the worker is at its cap."""
+        cycle = self.cycle
+        if self._message_done and cycle is not None and cycle.response_complete and not self.transport.is_closing():
             self._in_head = True
+            self._head_bytes = 0
             _waiting[self] = None
 
     def _close_with(self, response: bytes, reason: str, message: str, *args: Any) -> None:
         self._problem(reason, message, *args)
         self._cancel_deadline()
         _waiting.pop(self, None)
-        self.transport.write(response)
+        if response:
+            self.transport.write(response)
         self.transport.close()
+        # A client that does not read what it is sent would hold the socket open while the answer waits to be
+        # written: after a grace it is dropped.
+        self.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
 
     def _problem(self, reason: str, message: str, *args: Any) -> None:
         metrics.count(metrics.connection_problems, reason)

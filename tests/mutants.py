@@ -158,7 +158,23 @@ MUTANTS = (
     ),
     Mutant(
         "no deadline for a request head",
-        (Edit("service/protocol.py", 'self._set_deadline(self.head_timeout, "head")', "pass"),),
+        (Edit("service/protocol.py", 'self._set_deadline(self.head_timeout, "head")', "pass", count=2),),
+        ("tests/test_connections.py",),
+    ),
+    Mutant(
+        "a request under way on a kept-alive connection leaves its idle timer running",
+        (Edit("service/protocol.py", "        self._unset_keepalive_if_required()\n", ""),),
+        ("tests/test_connections.py",),
+    ),
+    Mutant(
+        "an upgrade request's connection stays open after its answer",
+        (
+            Edit(
+                "service/protocol.py",
+                "            if self.cycle is not None:\n                self.cycle.keep_alive = False\n",
+                "",
+            ),
+        ),
         ("tests/test_connections.py",),
     ),
     Mutant(

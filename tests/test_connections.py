@@ -6,6 +6,7 @@ cap (40), so that each limit is reached in a test's time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -35,6 +36,8 @@ def limited(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPath
         HTTP_HEAD_TIMEOUT="1",
         HTTP_BODY_TIMEOUT="2",  # not the head's: a body must be cut by its own deadline
         HTTP_MAX_CONNECTIONS=str(CAP),
+        # uvicorn's idle timeout for kept-alive connections (5 s by default), short so that a test can outlast it.
+        UVICORN_TIMEOUT_KEEP_ALIVE="1",
     )
     service = Service(env, tmp_path_factory.mktemp("connections") / "service.log")
     service.wait_ready()
@@ -164,6 +167,113 @@ def test_malformed_requests_and_upgrades_are_logged_once_a_second_with_the_clien
     upgrades = [line for line in new if "asked to upgrade" in line]
     assert upgrades and all("127.0.0.1:" in line for line in upgrades), new
     assert not any("pip install" in line or "WebSocket library" in line for line in new), new
+
+
+def _request(method: str, path: str, body: bytes = b"", *extra: bytes) -> bytes:
+    head = [f"{method} {path} HTTP/1.1".encode(), b"Host: x", *extra]
+    if body or method == "POST":
+        head += [b"Content-Type: application/json", b"Content-Length: %d" % len(body)]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def _responses(sock: socket.socket, count: int, timeout: float = 5.0) -> list[bytes]:
+    """The first `count` responses on the connection (each has a Content-Length), or fewer if it closes first."""
+    sock.settimeout(timeout)
+    buffer, found = b"", []
+    while len(found) < count:
+        head, sep, rest = buffer.partition(b"\r\n\r\n")
+        if sep:
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                ),
+                0,
+            )
+            if len(rest) >= length:
+                found.append(head + sep + rest[:length])
+                buffer = rest[length:]
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buffer += chunk
+    return found
+
+
+def test_a_kept_alive_connection_is_not_cut_while_its_next_request_is_under_way(
+    limited: Service, applicant: dict
+) -> None:
+    """The idle timer armed after an answer stops when the next request arrives, however long that one takes."""
+    body = json.dumps(applicant).encode()
+    with _connect(limited) as sock:
+        sock.sendall(_request("GET", "/health/live"))
+        assert [_status(r) for r in _responses(sock, 1)] == [200]
+        time.sleep(0.5)
+        request = _request("POST", "/decisions", body)
+        sock.sendall(request[:-10])  # the body's last bytes come after the 1 s idle timeout has passed
+        time.sleep(1.2)
+        sock.sendall(request[-10:])
+        assert [_status(r) for r in _responses(sock, 1)] == [201]
+
+
+def test_a_request_after_an_upgrade_on_the_same_connection_is_never_run(limited: Service) -> None:
+    """httptools stops parsing at an Upgrade: the request is answered as plain HTTP and its connection closed
+    at once, so what follows it is never read as a request of its own."""
+    before = len(limited.log().splitlines())
+    smuggled = _request("DELETE", "/decisions/smuggled")
+    with _connect(limited) as sock:
+        sock.sendall(
+            b"POST /decisions HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+        )
+        answers = _responses(sock, 1, timeout=3)
+        answered = time.monotonic()
+        with contextlib.suppress(OSError):
+            sock.sendall(smuggled)
+        rest, _ = _answer(sock, timeout=3)
+        closed_after = time.monotonic() - answered
+    assert len(answers) == 1 and _status(answers[0]) != 200 and rest == b"", (answers, rest)
+    assert closed_after < 0.5, closed_after  # not at the 1 s keep-alive timeout
+    time.sleep(0.2)
+    assert not [line for line in limited.log().splitlines()[before:] if "smuggled" in line]
+
+
+def test_an_answer_before_the_body_is_read_is_the_only_answer(limited: Service) -> None:
+    """A 415 sent before its 20 KB body arrived: the body is not taken for a head (no 431), the connection lives."""
+    body = b"x" * 20_000
+    with _connect(limited) as sock:
+        sock.sendall(
+            b"POST /decisions HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body[:1000]
+        )
+        time.sleep(0.3)
+        sock.sendall(body[1000:])
+        time.sleep(0.3)
+        sock.sendall(_request("GET", "/health/live"))
+        assert [_status(r) for r in _responses(sock, 2)] == [415, 200]
+
+
+def test_pipelined_requests_are_each_answered_and_none_runs_behind_a_refused_head(
+    limited: Service, applicant: dict
+) -> None:
+    body = json.dumps({"applicants": [applicant] * 30}).encode()  # ~13 KB: with the next head, one read over 16 KiB
+    assert len(body) > 10_000
+    with _connect(limited) as sock:
+        nxt = _request("GET", "/health/live", b"", b"X-Pad: " + b"p" * 5_000)
+        sock.sendall(_request("POST", "/decisions/batch", body) + nxt[:-20])
+        time.sleep(0.2)
+        sock.sendall(nxt[-20:])
+        assert [_status(r) for r in _responses(sock, 2)] == [201, 200]
+    before = len(limited.log().splitlines())
+    too_many = _request("GET", "/health/live", b"", *(b"X-%d: 1" % i for i in range(101)))
+    with _connect(limited) as sock:
+        sock.sendall(too_many + _request("DELETE", "/decisions/behind-a-431"))
+        answers = _responses(sock, 2, timeout=3)
+    assert [_status(r) for r in answers] == [431]
+    time.sleep(0.2)
+    assert not [line for line in limited.log().splitlines()[before:] if "behind-a-431" in line]
 
 
 def test_the_service_answered_no_5xx_and_logged_no_traceback(limited: Service, tmp_path: Path) -> None:

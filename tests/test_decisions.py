@@ -12,7 +12,9 @@ import msgspec
 import pytest
 from starlette.testclient import TestClient
 
+from service.errors import DuplicateKey
 from service.models.policy import scorecard_points
+from service.routes.bodies import decode
 from service.schemas import Applicant
 from service.settings import Settings
 from tests.conftest import count_rows, wait_until
@@ -213,6 +215,19 @@ def test_a_key_given_twice_is_refused_naming_it(
     assert count_rows(settings) == before
 
 
+def test_the_duplicate_check_counts_a_defaulted_field_only_when_it_is_sent() -> None:
+    """A field whose default comes from a factory is absent unless sent: it must not hide a duplicate."""
+
+    class Tagged(msgspec.Struct, forbid_unknown_fields=True):
+        a: int = 0
+        tags: list[str] = msgspec.field(default_factory=list)
+
+    decoder = msgspec.json.Decoder(Tagged)
+    assert decode(decoder, b'{"a": 1, "tags": []}') == Tagged(1, [])
+    with pytest.raises(DuplicateKey, match="'a'"):
+        decode(decoder, b'{"a": 1, "a": 2}')
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -404,6 +419,10 @@ def test_api_keys_guard_decisions(settings: Settings, applicant: dict) -> None:
         # With no ADMIN_API_KEYS the admin endpoints are off, whatever the path.
         assert "ADMIN_API_KEYS" in assert_problem(client.put("/admin/nothing-here"), 403)["detail"]
         assert_problem(client.get("/decisions/not-a-uuid", headers={"Authorization": "Bearer k-one"}), 404)
+    # Behind a path prefix (uvicorn's --root-path) too.
+    with TestClient(create_app(keyed), root_path="/api") as prefixed:
+        assert_problem(prefixed.get("/api/decisions/not-a-uuid"), 401)
+        assert_problem(prefixed.post("/api/monitoring"), 401)
 
 
 # -- model, health, request ids ---------------------------------------------------------------

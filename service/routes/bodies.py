@@ -117,7 +117,11 @@ def _shape(cls: type[msgspec.Struct]) -> tuple[int, tuple[tuple[str, Any], ...],
     info = msgspec.inspect.type_info(cls)
     assert isinstance(info, msgspec.inspect.StructType)
     required = sum(f.required for f in info.fields)
-    optional = tuple((f.name, f.default) for f in info.fields if not f.required)
+    optional = tuple(
+        (f.name, f.default if f.default_factory is msgspec.NODEFAULT else f.default_factory())
+        for f in info.fields
+        if not f.required
+    )
     nested = tuple(f.name for f in info.fields if _holds_structs(f.type))
     return required, optional, nested
 
