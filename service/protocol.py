@@ -279,9 +279,10 @@ class HardenedProtocol(HttpToolsProtocol):
         if response:
             self.transport.write(response)
         self.transport.close()
-        # A client that does not read what it is sent would hold the socket open while the answer waits to be
-        # written: after a grace it is dropped.
-        self.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
+        if self.transport.get_write_buffer_size():
+            # A client that does not read what it is sent would hold the socket open while the answer waits to
+            # be written: after a grace it is dropped.
+            self.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
 
     def _problem(self, reason: str, message: str, *args: Any) -> None:
         metrics.count(metrics.connection_problems, reason)
