@@ -232,7 +232,10 @@ def test_a_request_after_an_upgrade_on_the_same_connection_is_never_run(limited:
         answered = time.monotonic()
         with contextlib.suppress(OSError):
             sock.sendall(smuggled)
-        rest, _ = _answer(sock, timeout=3)
+        try:
+            rest, _ = _answer(sock, timeout=3)
+        except ConnectionResetError:  # closed with the smuggled bytes unread: the kernel resets instead
+            rest = b""
         closed_after = time.monotonic() - answered
     assert len(answers) == 1 and _status(answers[0]) != 200 and rest == b"", (answers, rest)
     assert closed_after < 0.5, closed_after  # not at the 1 s keep-alive timeout
