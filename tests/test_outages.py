@@ -150,3 +150,57 @@ def test_shutdown_with_frozen_postgres_and_redis_ends_inside_budget(
             started = time.monotonic()
         assert time.monotonic() - started < 3.5
     assert "Successfully closed API." in caplog.text
+
+
+def test_a_network_that_swallows_packets_keeps_no_pooled_connection_once_the_database_is_back(
+    proxied: tuple[TcpProxy, str],
+) -> None:
+    """A warm pool, a freeze of a few probes' length, then the database back: answered within 2 s, and every
+    pooled connection free again (a probe that checked the pool's connections during the freeze held them
+    for ~5 s after, while psycopg waited for cancel requests the network had swallowed)."""
+    import asyncio
+    import uuid
+
+    from service.errors import StoreUnavailable
+    from service.storage import PostgresStore
+
+    proxy, url = proxied
+
+    async def run() -> tuple[float, dict[str, int], list[object]]:
+        store = await PostgresStore.open(
+            url, pool_size=10, connect_timeout=2, request_timeout=1.0, application_name="credit-scoring-test"
+        )
+        try:
+            await store.migrate()
+
+            async def slow(conn: psycopg.AsyncConnection) -> None:
+                await conn.execute("SELECT pg_sleep(0.2)")
+
+            await asyncio.gather(*(store._run(slow) for _ in range(10)))  # ten connections open
+            proxy.freeze()
+            with pytest.raises(StoreUnavailable):
+                await store.get(uuid.uuid4())
+            await asyncio.sleep(3.0)  # a few probes, each cut at its bound
+            proxy.restore()
+            restored = time.monotonic()
+            while True:
+                try:
+                    await store.get(uuid.uuid4())
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() - restored < 5
+                    await asyncio.sleep(0.02)
+            back = time.monotonic() - restored
+            stats = store._pool.get_stats()
+            # Ten at once right away: none waits for a connection held by the freeze.
+            results = await asyncio.wait_for(
+                asyncio.gather(*(store._run(slow) for _ in range(9)), return_exceptions=True), timeout=3
+            )
+            return back, stats, results
+        finally:
+            await store.close()
+
+    back, stats, results = asyncio.run(run())
+    assert back < 2.0, back
+    assert stats["pool_available"] >= 8, stats  # at most the one request abandoned in the freeze is held
+    assert all(r is None for r in results), results

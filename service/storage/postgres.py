@@ -173,6 +173,9 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
     ) -> None:
         self._pool = pool
         self._outage = Outage(self._probe)
+        # The probe's own connection during an outage: to where the pool connects, opened like a pooled one.
+        self._probe_url = url
+        self._probe_kwargs = dict(connection_kwargs or {"autocommit": True})
         # The session that LISTENs for assignment changes is opened like a pooled one, to PostgreSQL itself
         # when the pool goes through a transaction pooler (a LISTEN needs a session of its own).
         self._url = direct_url or url
@@ -275,10 +278,20 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
             raise StoreUnavailable(f"The system of record is unavailable: {type(exc).__name__}.") from exc
 
     async def _probe(self) -> None:
-        """Whether the database is back: every idle pooled connection checked (the broken ones replaced), then a
-        query on one of them that says the database can record."""
+        """Whether the database is back: a connection of the probe's own says the database can record, then every
+        idle pooled connection is checked (the broken ones replaced).
+
+        The pool's connections are left alone until the database answers: `pool.check()` takes every idle
+        connection out at once and checks them in turn, so a probe cut at its bound while a frozen network
+        swallows the check would keep them from requests for seconds after the database is back (psycopg
+        waits 5 s for the cancel request it sends, and 5 s more).
+        """
+        conn = await psycopg.AsyncConnection.connect(self._probe_url, **self._probe_kwargs)
+        try:
+            await _check_writable(conn)
+        finally:
+            await conn.close()
         await self._pool.check()
-        await self._on_connection(_check_writable)
 
     async def _on_connection(self, action: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         async with self._pool.connection(timeout=self._request_timeout) as conn:
