@@ -25,7 +25,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import psycopg
 from psycopg import sql
 
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results import replace_section  # noqa: E402
 from bench.run import ADMIN_URL, Server, work_directory  # noqa: E402
-from service import dataset  # noqa: E402
+from bench.seed import seed  # noqa: E402
 from service.storage import Search  # noqa: E402
 from service.storage.audit_records import search_query  # noqa: E402
 
@@ -136,25 +135,9 @@ def main() -> None:
     plans: list[str] = []
     try:
         service.wait("/health/ready")
-        applicants = [
-            {**msgspec.to_builtins(a), "reference": f"SEED-{i}"} for i, a in enumerate(dataset.load().applicants)
-        ]
-        body = json.dumps({"applicants": applicants}).encode()
-        request = urllib.request.Request(service.url + "/decisions/batch", body, {"Content-Type": "application/json"})
-        urllib.request.urlopen(request, timeout=60).read()
         with psycopg.connect(database_url, autocommit=True) as conn:
-            names = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'decisions'"
-                    " ORDER BY ordinal_position"
-                ).fetchall()
-            ]
-            own = ("id", "created_at", "reference")
-            copied = ", ".join(f"seed.{n}" for n in names if n not in own)
-            columns = ", ".join(["id", "created_at", *(n for n in names if n not in own)])
-            conn.execute("CREATE TABLE seed AS SELECT row_number() OVER (ORDER BY id) - 1 AS n, * FROM decisions")
-            conn.execute("UPDATE seed SET idempotency_key = NULL, request_hash = NULL, batch_id = NULL")
+            rows_from = seed(service.url, conn, references=True)
+            columns, copied = rows_from.columns, rows_from.copied
             started = time.perf_counter()
             conn.execute(GROW.format(columns=columns, copied=copied), (SIZE - 1000,))  # type: ignore[arg-type]
             conn.execute("VACUUM ANALYZE decisions")

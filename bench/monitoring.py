@@ -10,7 +10,6 @@ into bench/RESULTS.md.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import statistics
@@ -20,7 +19,6 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import msgspec
 import psycopg
 from psycopg import sql
 
@@ -29,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results import replace_section  # noqa: E402
 from bench.run import ADMIN_URL, Server, work_directory  # noqa: E402
-from service import dataset  # noqa: E402
+from bench.seed import seed  # noqa: E402
 
 SIZES = (10_000, 100_000, 1_000_000)
 RUNS = 5
@@ -66,26 +64,12 @@ def main() -> None:
     rows: list[str] = []
     try:
         service.wait("/health/ready")
-        applicants = [msgspec.to_builtins(a) for a in dataset.load().applicants]
-        body = json.dumps({"applicants": applicants}).encode()
-        request = urllib.request.Request(service.url + "/decisions/batch", body, {"Content-Type": "application/json"})
-        urllib.request.urlopen(request, timeout=60).read()
         with psycopg.connect(database_url, autocommit=True) as conn:
-            names = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'decisions'"
-                    " ORDER BY ordinal_position"
-                ).fetchall()
-            ]
-            copied = ", ".join(f"seed.{n}" for n in names if n not in ("id", "created_at"))
-            columns = ", ".join(["id", "created_at", *(n for n in names if n not in ("id", "created_at"))])
-            conn.execute("CREATE TABLE seed AS SELECT row_number() OVER (ORDER BY id) - 1 AS n, * FROM decisions")
-            conn.execute("UPDATE seed SET idempotency_key = NULL, request_hash = NULL, batch_id = NULL")
+            rows_from = seed(service.url, conn)
             have = 1000
             for size in SIZES:
                 started = time.perf_counter()
-                conn.execute(GROW.format(columns=columns, copied=copied), (size - have,))  # type: ignore[arg-type]
+                conn.execute(GROW.format(columns=rows_from.columns, copied=rows_from.copied), (size - have,))  # type: ignore[arg-type]
                 conn.execute(OUTCOMES)
                 conn.execute("ANALYZE decisions")
                 conn.execute("ANALYZE outcomes")
