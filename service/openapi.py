@@ -262,7 +262,7 @@ DOCUMENT: dict[str, Any] = {
                 "parameters": [_DECISION_ID, _REQUEST_ID],
                 "responses": {
                     "200": _json(_ref("ErasedDecision"), "Erased now, or when it first was: who and when."),
-                    **_problems(403, 404, 503),
+                    **_problems(401, 403, 404, 503),  # 401: no known key while API_KEYS is set (checked before routing)
                 },
             }
         },
