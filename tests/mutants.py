@@ -202,6 +202,22 @@ MUTANTS = (
         (Edit("service/storage/postgres.py", "        self._outage.check()\n", ""),),
         ("tests/test_outages.py::test_postgres_outage_answers_503_then_recovers",),
     ),
+    Mutant(
+        "a bounded call's caller waits on the task through shield() and wait_for() (three loop passes)",
+        (
+            Edit(
+                "service/tasks.py",
+                "        async with asyncio.timeout(seconds):\n            return await answer\n",
+                "        return await asyncio.wait_for(asyncio.shield(task), seconds)\n",
+            ),
+        ),
+        ("tests/test_tasks.py",),
+    ),
+    Mutant(
+        "a bounded call waits for the call's own clean-up at the deadline",
+        (Edit("service/tasks.py", "        abandon(task)\n        raise\n", "        task.cancel()\n        await task\n"),),
+        ("tests/test_tasks.py",),
+    ),
 )
 
 

@@ -10,7 +10,6 @@ phase can start at once. Rows and the schema come from base.py and schema.py.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 import uuid
@@ -42,7 +41,7 @@ from service.storage.postgres_audit import PostgresAudit
 from service.storage.postgres_models import PostgresModelRecords
 from service.storage.postgres_monitoring import PostgresMonitoring
 from service.storage.schema import _COLUMNS, _NAMES, _PG_TYPES, _SPECIAL, MIGRATION_LOCK_ID, _checksum, _to_apply
-from service.tasks import abandon
+from service.tasks import within
 
 T = TypeVar("T")
 
@@ -253,23 +252,17 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
         """Run `action` on a pooled connection; any outage, including a server that stops answering, is a 503."""
         # Bounds the whole call, not just the wait for a connection: a server that
         # accepts but never answers must not hold a request (or shutdown) forever.
-        # The call runs as its own task because cancelling psycopg mid-query makes it
-        # send the server a cancel request and wait for that too; we answer at the
-        # deadline and let that clean-up finish in the background.
+        # The call runs as its own task (`within`): we answer at the deadline and let
+        # psycopg's clean-up (a cancel request it waits for) finish in the background.
         # Once a call has seen the database fail, the next ones answer at once while a probe asks it.
         self._outage.check()
-        task = asyncio.ensure_future(self._on_connection(action))
         try:
-            return await asyncio.wait_for(asyncio.shield(task), limit or self._request_timeout * 2)
+            return await within(limit or self._request_timeout * 2, self._on_connection(action))
         except TimeoutError:
-            abandon(task)
             metrics.count(metrics.store_errors)
             if limit is None:  # a request's bound, not an analyst's long query
                 self._outage.began("it did not answer in time")
             raise StoreUnavailable("The system of record did not answer in time.") from None
-        except asyncio.CancelledError:
-            abandon(task)
-            raise
         except _PG_BUGS:
             raise
         except psycopg.Error as exc:  # connection lost, read-only after failover, admin shutdown...

@@ -22,7 +22,7 @@ import psycopg
 
 from service.schemas import Assignment, AssignmentChange, ChallengerDecision, Comparison, WorkerModels
 from service.storage import model_records as records
-from service.tasks import abandon
+from service.tasks import abandon, within
 
 logger = logging.getLogger("service.storage")
 T = TypeVar("T")
@@ -242,12 +242,4 @@ def _close_late_connection(task: asyncio.Future[psycopg.AsyncConnection[Any]]) -
 
 async def _bounded(call: Awaitable[T], limit: float = LISTEN_TIMEOUT) -> T:
     """Await `call` for at most `limit` seconds; past it, abandon it (a frozen server would hold it forever)."""
-    task = asyncio.ensure_future(call)
-    try:
-        return await asyncio.wait_for(asyncio.shield(task), limit)
-    except TimeoutError:
-        abandon(task)
-        raise
-    except asyncio.CancelledError:
-        abandon(task)
-        raise
+    return await within(limit, call)
