@@ -1,11 +1,9 @@
 """Calls that arrive together, run together: the group commit and the batched reads.
 
 Under load many requests want the same kind of round trip at once (insert a
-row, read a row, read a cache key). A Coalescer runs at most `max_in_flight`
-calls at once. Below that, with no group forming, each caller runs its own call
-in its own task (no hand-over to a worker); once every call is in flight, the
-next items queue up and worker tasks take them, many to a call, until the queue
-is empty. Each caller still gets its own
+row, read a row, read a cache key). A Coalescer queues their items and runs
+them as one call on a few worker tasks: while one call is in flight, the next
+items queue up and go in the following one. Each caller still gets its own
 answer, or the exception `error` makes for it, and only once its call has
 completed.
 """
@@ -42,13 +40,10 @@ class Coalescer(Generic[T, R]):
         self._inline = 0
 
     async def submit(self, item: T) -> R:
-        if not self._queue and not self._workers and self._inline < self._max_in_flight:
-            # Nobody waiting and a call to spare: no group to form. The caller runs its
-            # call itself, sparing the queue, a worker task, a future and two passes of the
-            # event loop: what a request costs below saturation. Once every call is in
-            # flight, callers queue and workers take them in groups until the queue is empty
-            # (letting callers run their own calls beside the workers cost ~16 % of the
-            # throughput at saturation: one-row commits held places groups would have used).
+        if not self._queue and not self._workers and not self._inline:
+            # Nothing in flight, nobody waiting: no group to form. The caller runs its
+            # call itself, sparing the queue, a worker task and a future: what a request
+            # costs below saturation. Others arriving meanwhile queue for the next call.
             return await self._run_inline(item)
         waiter: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, waiter))

@@ -214,17 +214,6 @@ MUTANTS = (
         ("tests/test_tasks.py",),
     ),
     Mutant(
-        "a request queues for a group while a call is still to spare",
-        (
-            Edit(
-                "service/coalesce.py",
-                "if not self._queue and not self._workers and self._inline < self._max_in_flight:",
-                "if not self._queue and not self._workers and not self._inline:",
-            ),
-        ),
-        ("tests/test_coalesce.py",),
-    ),
-    Mutant(
         "a bounded call waits for the call's own clean-up at the deadline",
         (
             Edit(

@@ -91,26 +91,20 @@ async def test_a_caller_that_submits_again_as_soon_as_it_is_answered_is_served()
 
 async def test_a_cancelled_worker_cancels_its_callers_and_the_queue_is_still_served() -> None:
     started = asyncio.Event()
-    release, release_other = asyncio.Event(), asyncio.Event()
+    release = asyncio.Event()
 
     async def stuck(items: list[int]) -> list[int]:
-        if 100 in items:  # lone calls, each run by its caller: each holds one place in flight
+        if 100 in items:  # the lone first call, run by its caller: it holds one place in flight
             await release.wait()
-        if 101 in items:
-            await release_other.wait()
         if 0 in items:
             started.set()
             await asyncio.sleep(3600)
         return items
 
     coalescer = Coalescer(stuck, max_items=1, max_in_flight=2)
-    lone, other = asyncio.ensure_future(coalescer.submit(100)), asyncio.ensure_future(coalescer.submit(101))
+    lone = asyncio.ensure_future(coalescer.submit(100))
     await asyncio.sleep(0)
-    first = asyncio.ensure_future(coalescer.submit(0))  # both places taken: queued
-    await asyncio.sleep(0)
-    assert not coalescer._workers
-    release_other.set()  # a place comes free: the caller leaving it starts a worker, which takes the queue
-    assert await other == 101
+    first = asyncio.ensure_future(coalescer.submit(0))  # queued: a worker takes it
     await started.wait()
     second = asyncio.ensure_future(coalescer.submit(7))  # queued behind it: two calls are in flight
     await asyncio.sleep(0)
@@ -121,20 +115,6 @@ async def test_a_cancelled_worker_cancels_its_callers_and_the_queue_is_still_ser
     assert await asyncio.wait_for(second, 2) == 7
     release.set()
     assert await lone == 100
-
-
-async def test_a_caller_that_finds_a_call_to_spare_runs_its_own_without_waiting_for_a_group() -> None:
-    """Groups form only once every call is in flight: below that, a request costs one call and no hand-over."""
-    run = Recorder()
-    coalescer = Coalescer(run, max_items=10, max_in_flight=3)
-    tasks_before = len(asyncio.all_tasks())
-    callers = [asyncio.ensure_future(coalescer.submit(i)) for i in range(3)]
-    await asyncio.sleep(0)
-    assert run.in_flight == 3 and not coalescer._workers
-    assert len(asyncio.all_tasks()) == tasks_before + 3  # the callers' own tasks, no worker
-    queued = [asyncio.ensure_future(coalescer.submit(i)) for i in range(3, 8)]
-    assert await asyncio.gather(*callers, *queued) == [2 * i for i in range(8)]
-    assert run.calls[:3] == [[0], [1], [2]] and [3, 4, 5, 6, 7] in run.calls
 
 
 async def test_a_lone_item_runs_in_its_callers_task_and_counts_as_in_flight() -> None:
