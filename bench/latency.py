@@ -109,6 +109,45 @@ def outage(url: str, body: bytes, proxy: TcpProxy, how: str) -> dict[str, Any]:
     }
 
 
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def _targets(
+    figures: dict[tuple[str, str], tuple[float, float]],
+    in_server_p50: dict[str, float],
+    stopped: dict[str, Any],
+    frozen: dict[str, Any],
+    ok: dict[str, Any],
+    refused: dict[str, Any],
+    lost: int,
+) -> list[str]:
+    """Issue 11's targets as restated in docs/SPEC.md, judged against this run's own ceiling and floor."""
+    idle, busy = LOADS[0][0], LOADS[2][0]
+    service, ceiling, floor = (figures[(idle, t)][0] for t in ("service", "ceiling", "floor"))
+    extra_inside = in_server_p50[idle] - floor
+    extra_client = service - ceiling - floor
+    p99, floor_p99 = figures[(busy, "service")][1], figures[(busy, "floor")][1]
+    bound_p99 = max(10.0, 1.5 * floor_p99)
+    outage_p99 = max(stopped["p99_ms"], frozen["p99_ms"])
+    back = max(stopped["back_s"], frozen["back_s"])
+    storm_ok = (ok.get("p99_ms") or 0) <= 250 and (refused.get("p99_ms") or 0) <= 50 and lost == 0
+    return [
+        "Targets (issue 11, as restated in docs/SPEC.md; each judged against this run's ceiling and floor):",
+        "",
+        f"- idle, in-server p50 beyond the INSERT alone: {extra_inside:.2f} ms (≤ 0.5): "
+        f"{_verdict(extra_inside <= 0.5)}",
+        f"- idle, client p50 beyond the ceiling's and the INSERT alone's: {extra_client:.2f} ms (≤ 0.5): "
+        f"{_verdict(extra_client <= 0.5)}",
+        f"- 1,000 req/s, client p99: {p99:.2f} ms (≤ 10, or 1.5 times the INSERT alone's {floor_p99:.2f} ms: "
+        f"{bound_p99:.2f}): {_verdict(p99 <= bound_p99)}",
+        f"- outage, 503 p99: {outage_p99:.2f} ms (≤ 50), back after {back:.2f} s (≤ 2): "
+        f"{_verdict(outage_p99 <= 50 and back <= 2)}",
+        f"- 1,000 connections: 201 p99 {ok.get('p99_ms')} ms (≤ 250), 503 p99 {refused.get('p99_ms')} ms (≤ 50), "
+        f"{lost} lost: {_verdict(storm_ok)}",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -136,6 +175,9 @@ def main() -> None:
     ceiling = Server(env, "bench.baseline:app", work / "baseline.log")
     proxied: Server | None = None
     rows: list[str] = []
+    # Medians by (load, target): client p50 and p99, and the service's in-server p50.
+    figures: dict[tuple[str, str], tuple[float, float]] = {}
+    in_server_p50: dict[str, float] = {}
     try:
         service.wait("/health/ready")
         ceiling.wait("/decisions")
@@ -151,7 +193,13 @@ def main() -> None:
                 inside.append(in_server_ms(log, mark))
                 got["ceiling"].append(wrk(binary, ceiling.url, pacing, connections, args.seconds))
             floor = sorted(uvloop.run(insert_latencies(direct_url, connections, _rate(connections, rate))))
+            in_server_p50[name] = statistics.median(i[0] for i in inside)
+            figures[(name, "floor")] = (statistics.median(floor) * 1000, floor[int(len(floor) * 0.99) - 1] * 1000)
             for target, samples in got.items():
+                figures[(name, target)] = (
+                    statistics.median(s.p50_ms for s in samples),
+                    statistics.median(s.p99_ms for s in samples),
+                )
                 server = (
                     f"{statistics.median(i[0] for i in inside):.2f} / {statistics.median(i[1] for i in inside):.2f}"
                     if target == "service"
@@ -215,6 +263,8 @@ def main() -> None:
             f"(p50 {ok.get('p50_ms')} ms, p99 {ok.get('p99_ms')} ms), {refused.get('count', 0):,} refused 503 "
             f"(p50 {refused.get('p50_ms')} ms, p99 {refused.get('p99_ms')} ms); worker RSS after {rss:.0f} MiB; "
             f"{len(overload.committed) - int(stored)} of the 201s not in PostgreSQL.",
+            "",
+            *_targets(figures, in_server_p50, stopped, frozen, ok, refused, len(overload.committed) - int(stored)),
         ]
     )
     print(table)
