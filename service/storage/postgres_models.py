@@ -98,14 +98,14 @@ class PostgresModelRecords:
             conn: psycopg.AsyncConnection[Any] | None = None
             try:
                 conn = await _connect(self._url, self._listen_kwargs)
-                await _bounded(conn.execute(f"LISTEN {records.CHANNEL}"))
+                await within(LISTEN_TIMEOUT, conn.execute(f"LISTEN {records.CHANNEL}"))
                 if down_since is not None:
                     logger.info(
                         "Listening for model assignment changes again after %.1f s", time.monotonic() - down_since
                     )
                     down_since, backoff = None, RECONNECT_INITIAL
                 while not stop.is_set():
-                    row = await _bounded(_fetchone(conn, records.REVISION))
+                    row = await within(LISTEN_TIMEOUT, _fetchone(conn, records.REVISION))
                     yield int(row[0])
                     # Wait for a notification, or the tick; either way the revision is read again.
                     await _until(_next_notification(conn, tick), stop, tick + LISTEN_TIMEOUT)
@@ -238,8 +238,3 @@ async def _connect(url: str, kwargs: dict[str, Any]) -> psycopg.AsyncConnection[
 def _close_late_connection(task: asyncio.Future[psycopg.AsyncConnection[Any]]) -> None:
     if not task.cancelled() and task.exception() is None:
         task.result().pgconn.finish()
-
-
-async def _bounded(call: Awaitable[T], limit: float = LISTEN_TIMEOUT) -> T:
-    """Await `call` for at most `limit` seconds; past it, abandon it (a frozen server would hold it forever)."""
-    return await within(limit, call)

@@ -14,7 +14,7 @@ import threading
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import httpx2 as httpx
 
@@ -43,28 +43,49 @@ class LoadResult:
         self.unanswered.extend(other.unanswered)
 
 
-class Load:
-    """`clients` concurrent posters against `url`, on a thread of their own, until stop()."""
+class Background:
+    """Work beside a scenario, on a thread of its own, from entering the `with` block until it ends (or stop()):
+    a subclass's `_loop` runs until `_stop` is set."""
 
-    def __init__(self, url: str, applicants: list[dict[str, Any]], clients: int = 32) -> None:
-        self.url = url
-        self.applicants = applicants
-        self.clients = clients
-        self.result = LoadResult()
+    join_seconds = 30.0
+
+    def __init__(self) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="chaos-load", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=type(self).__name__, daemon=True)
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def stop(self) -> LoadResult:
+    def stop(self) -> None:
         self._stop.set()
-        self._thread.join(60)
+        self._thread.join(self.join_seconds)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Load(Background):
+    """`clients` concurrent posters against `url`, on a thread of their own, until stop()."""
+
+    join_seconds = 60.0
+
+    def __init__(self, url: str, applicants: list[dict[str, Any]], clients: int = 32) -> None:
+        super().__init__()
+        self.url = url
+        self.applicants = applicants
+        self.clients = clients
+        self.result = LoadResult()
+
+    def stop(self) -> LoadResult:  # type: ignore[override]
+        super().stop()
         return self.result
+
+    def _loop(self) -> None:
+        asyncio.run(self._run())
 
     async def _run(self) -> None:
         limits = httpx.Limits(max_connections=self.clients, max_keepalive_connections=self.clients)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,8 +34,9 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.conftest import HOSTILE_ROWS, LONG, Row
+from tests.chaos.load import Background
 from tests.chaos.test_chaos import start, stop_cleanly
-from tests.chaos.test_pressure import rss_mib
+from tests.chaos.test_pressure import p, rss_mib
 from tests.procfile import Service
 
 pytestmark = pytest.mark.chaos
@@ -99,27 +99,20 @@ def probe(port: int) -> int:
     return int(parts[1]) if len(parts) > 1 and parts[0].startswith(b"HTTP/") and parts[1].isdigit() else 0
 
 
-class Watch:
+class Watch(Background):
     """/health/live every 50 ms, and the worker's RSS, while a scenario runs."""
 
+    join_seconds = 10.0
+
     def __init__(self, service: Service) -> None:
+        super().__init__()
         self.service = service
         self.latencies: list[float] = []
         self.statuses: list[int] = []
         self.baseline = rss_mib(service.process.pid)
         self.peak = self.baseline
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Watch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
+    def _loop(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
             status = probe(self.service.port)
@@ -129,11 +122,10 @@ class Watch:
             time.sleep(0.05)
 
     def row(self, row: HostileRow) -> HostileRow:
-        ordered = sorted(self.latencies)
-        row.probes = len(ordered)
-        row.probe_p99_ms = 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-        row.probe_checked_ms = 1000 * ordered[min(len(ordered) - 1, int(PROBE_QUANTILE * len(ordered)))]
-        row.probe_max_ms = 1000 * ordered[-1]
+        row.probes = len(self.latencies)
+        row.probe_p99_ms = 1000 * p(self.latencies, 0.99)
+        row.probe_checked_ms = 1000 * p(self.latencies, PROBE_QUANTILE)
+        row.probe_max_ms = 1000 * max(self.latencies)
         row.rss_growth_mib = self.peak - self.baseline
         row.server_errors = sum(1 for s in self.statuses if s >= 500 or s == 0)
         return row

@@ -32,7 +32,7 @@ import uvloop
 
 from bench.overload import Load as Overload
 from tests.chaos.conftest import LONG, PRESSURE_ROWS, Row
-from tests.chaos.load import Load
+from tests.chaos.load import Background, Load
 from tests.chaos.servers import PrivatePostgres, PrivateRedis
 from tests.chaos.test_chaos import CLIENTS, start, stop_cleanly
 from tests.procfile import Service
@@ -88,25 +88,16 @@ def p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-class Prober:
+class Prober(Background):
     """One client posting one request at a time, timing each: what a lender sees during the outage."""
 
     def __init__(self, url: str, applicant: dict[str, Any]) -> None:
+        super().__init__()
         self.url = url
         self.applicant = applicant
         self.answers: list[tuple[float, float, int]] = []  # started, seconds, status
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Prober:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
+    def _loop(self) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as client:
             while not self._stop.is_set():
                 started = time.monotonic()
