@@ -10,7 +10,7 @@ from starlette.middleware import Middleware
 
 from service.errors import ServiceError, handle_http_exception, handle_service_error
 from service.lifecycle import Lifecycle, QuietStartupFailure, Step, default_steps
-from service.middleware import Admission, Gate, RequestContext
+from service.middleware import Gate, RequestContext
 from service.routes import ROUTES
 from service.settings import Settings
 
@@ -21,7 +21,6 @@ def create_app(settings: Settings | None = None, steps: Sequence[Step] | None = 
         routes=ROUTES,
         middleware=[
             Middleware(QuietStartupFailure),
-            Middleware(Admission),
             Middleware(RequestContext),
             Middleware(Gate),
         ],

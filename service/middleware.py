@@ -1,6 +1,7 @@
-"""The outer layers of every request: admission, its id, its access line, authentication before routing.
+"""The outer layers of every request: its id, its access line, authentication before routing.
 
-Pure ASGI rather than BaseHTTPMiddleware: it adds no task or stream copy per request.
+Pure ASGI rather than BaseHTTPMiddleware: it adds no task or stream copy per request. Admission control
+is a layer further out, in the connection layer (service/protocol.py), so that a refusal costs no request.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import keys, logs, metrics
-from service.errors import AtCapacity, ClientGone, ServiceError, problem_response
+from service.errors import ClientGone, ServiceError, problem_response
 
 access_logger = logging.getLogger("service.access")
 error_logger = logging.getLogger("service.errors")
@@ -39,67 +40,6 @@ def trace_id_of(traceparent: bytes | None) -> str | None:
     if version == b"ff" or (version == b"00" and rest) or trace == b"0" * 32 or parent == b"0" * 16:
         return None
     return trace.decode()
-
-
-# Answered whatever the load: probes and scrapes must see an overloaded worker as it is.
-UNLIMITED_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
-# An overloaded worker says how much it shed at most this often, instead of one line per refusal.
-SHED_REPORT_SECONDS = 1.0
-
-
-class Admission:
-    """Admission control: a worker serves at most MAX_CONCURRENT_REQUESTS at once and answers the rest 503 at once.
-
-    Far beyond capacity, a fast 503 (with Retry-After) beats a slow answer for
-    everyone: the work in progress, and with it the memory and the latency of what
-    is admitted, stays bounded. A refusal costs as little as an answer can, since
-    under a storm of them it competes for the CPU with the admitted requests: a
-    prepared body, no access line (a count, and one summary line a second), no
-    latency sample. Our own rather than uvicorn's `--limit-concurrency`, which
-    counts open connections: with 1,000 kept-alive clients it refuses every request.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.in_flight = 0
-        self._body = problem_response(AtCapacity()).body
-        self._shed = 0
-        self._reported_at = time.monotonic()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit: int | None = getattr(scope["app"].state, "max_concurrent_requests", None)
-        if limit is None or self.in_flight < limit or scope["path"] in UNLIMITED_PATHS:
-            self.in_flight += 1
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                self.in_flight -= 1
-            return
-        await self._refuse(limit, send)
-
-    async def _refuse(self, limit: int, send: Send) -> None:
-        self._shed += 1
-        metrics.count(metrics.requests_shed)
-        headers = [
-            (b"content-type", b"application/problem+json"),
-            (b"content-length", str(len(self._body)).encode()),
-            (b"retry-after", b"1"),
-            (b"x-request-id", os.urandom(16).hex().encode()),
-        ]
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": self._body})
-        now = time.monotonic()
-        if now - self._reported_at >= SHED_REPORT_SECONDS:
-            access_logger.warning(
-                "At capacity (%d requests in progress): answered %d requests 503 in the last %.1f s",
-                limit,
-                self._shed,
-                now - self._reported_at,
-            )
-            self._shed, self._reported_at = 0, now
 
 
 class RequestContext:

@@ -1,4 +1,4 @@
-"""The HTTP connection layer: uvicorn's httptools protocol with deadlines, size caps and a connection cap.
+"""The HTTP connection layer: uvicorn's httptools protocol with deadlines, size caps, a connection cap, admission.
 
 uvicorn closes a keep-alive connection left idle after a response (5 s), and
 nothing else: a connection that never sends a byte, or sends its head or body
@@ -25,6 +25,9 @@ this subclass, which adds, per worker:
   request answered as plain HTTP and the connection then closed (httptools stops
   parsing at an upgrade, so anything sent after it would otherwise be read as a
   request of its own);
+- admission control (service/admission.py): at MAX_CONCURRENT_REQUESTS requests in
+  progress, the next is answered 503 at once, written here straight to the
+  connection, with no request cycle, task or middleware;
 - one warning line, at most once a second per kind, with the client's address and
   how many times it happened, for all of the above (uvicorn logged upgrades twice,
   without an address, advising a WebSocket library). Each is counted in
@@ -46,9 +49,11 @@ from collections import OrderedDict
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from service import metrics
+from service.admission import MAX_CONCURRENT_REQUESTS, UNLIMITED_PATHS, Admission
 from service.logs import Throttled
 from service.settings import ConfigError, http_limits
 
@@ -76,14 +81,19 @@ def max_connections(configured: int = 0) -> int:
     return min(configured, ceiling) if configured else ceiling
 
 
-def _limits() -> tuple[float, float, int]:
+def _limits() -> tuple[float, float, int, int]:
     """The limits from the environment. uvicorn makes this class before start-up reads the settings, so a bad
     value falls back to the default here, and start-up's settings step refuses it with its clear message."""
     try:
         limits = http_limits(os.environ)
     except ConfigError:
-        return HEAD_TIMEOUT, BODY_TIMEOUT, max_connections()
-    return limits["http_head_timeout"], limits["http_body_timeout"], max_connections(limits["http_max_connections"])
+        return HEAD_TIMEOUT, BODY_TIMEOUT, max_connections(), MAX_CONCURRENT_REQUESTS
+    return (
+        limits["http_head_timeout"],
+        limits["http_body_timeout"],
+        max_connections(limits["http_max_connections"]),
+        limits["max_concurrent_requests"],
+    )
 
 
 def _response(status: int, reason: bytes, title: str, extra: bytes = b"") -> bytes:
@@ -103,13 +113,14 @@ TOO_LARGE = _response(431, b"Request Header Fields Too Large", "Request header f
 AT_CAPACITY = _response(503, b"Service Unavailable", "Too many connections", b"retry-after: 1\r\n")
 MALFORMED = _response(400, b"Bad Request", "Malformed request")
 
+
 # Connections of this worker that are waiting for a request head, oldest first: the ones a new connection may
 # close when the worker is at its cap.
 _waiting: OrderedDict[HardenedProtocol, None] = OrderedDict()
 
 
 class HardenedProtocol(HttpToolsProtocol):
-    head_timeout, body_timeout, max_connections = _limits()
+    head_timeout, body_timeout, max_connections, max_in_flight = _limits()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -126,6 +137,8 @@ class HardenedProtocol(HttpToolsProtocol):
         self._refused = False
         # An upgrade request was answered as plain HTTP: what follows it on the connection is not read.
         self._upgraded = False
+        # The current request was refused at its head (admission): its body, if any, is read and dropped.
+        self._refusing = False
 
     # -- the connection cap -------------------------------------------------------------------
 
@@ -206,6 +219,27 @@ class HardenedProtocol(HttpToolsProtocol):
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._close_with(TOO_LARGE, "head_too_large", "sent a request head over %d bytes: 431", MAX_HEAD_BYTES)
 
+    # -- admission ---------------------------------------------------------------------------
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        """uvicorn calls this once a request's head is in and no earlier answer on the connection is pending (for
+        a pipelined request, once the one before it is answered), so a refusal written here is in order."""
+        if _admission.full() and cycle.scope["path"][len(self.root_path) :] not in UNLIMITED_PATHS:
+            self._refuse(cycle.keep_alive and not cycle.waiting_for_100_continue)
+            cycle.response_started = cycle.response_complete = True
+            self.on_response_complete()
+            return
+        # As uvicorn's own (without its opt-in reset_contextvars), keeping the task to count it until its end.
+        task = self.loop.create_task(cycle.run_asgi(app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+        _admission.admit(task)
+
+    def _refuse(self, keep_alive: bool) -> None:
+        self.transport.write(_admission.refusal(self.server_state.default_headers, keep_alive))
+        if not keep_alive:
+            self.transport.close()
+
     def _upgrade(self) -> str:
         upgrade = self._get_upgrade() if self.headers else None
         return upgrade.decode(errors="replace")[:32] if upgrade else "unknown"
@@ -244,10 +278,30 @@ class HardenedProtocol(HttpToolsProtocol):
             self._close_with(TOO_LARGE, "head_too_large", "sent a request head over %d bytes: 431", MAX_HEAD_BYTES)
             return
         self._set_deadline(self.body_timeout, "body")
+        if _admission.full() and self._may_refuse_at_head():
+            # Refused before uvicorn builds the request (its scope, cycle and event): under a storm of refusals
+            # that is most of what each one would cost.
+            self._refusing = True
+            self._refuse(
+                self.parser.get_http_version() != "1.0"
+                and self.parser.should_keep_alive()
+                and not self.expect_100_continue
+            )
+            self.on_response_complete()
+            return
         super().on_headers_complete()
 
+    def _may_refuse_at_head(self) -> bool:
+        """Whether the request whose head just ended may be refused now: not a probe's or a scrape, not an upgrade
+        (answered, then closed, by the usual path), and with no earlier answer still due on the connection (a
+        pipelined request is checked again when its turn comes, in _start_asgi_task)."""
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or self.parser.should_upgrade():
+            return False
+        return httptools.parse_url(self.url).path.decode("ascii", "replace") not in UNLIMITED_PATHS
+
     def on_body(self, body: bytes) -> None:
-        if not self.transport.is_closing():
+        if not self._refusing and not self.transport.is_closing():
             super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -255,7 +309,10 @@ class HardenedProtocol(HttpToolsProtocol):
             return
         self._cancel_deadline()
         self._message_done = True
-        super().on_message_complete()
+        if self._refusing:
+            self._refusing = False
+        else:
+            super().on_message_complete()
         self._idle_if_done()
 
     def on_response_complete(self) -> None:
@@ -264,13 +321,20 @@ class HardenedProtocol(HttpToolsProtocol):
 
     def _idle_if_done(self) -> None:
         """Once the request is read whole and answered, with nothing pipelined behind it, the connection waits
-        for its next head (uvicorn's keep-alive timeout closes it if none comes): the first a new connection may
-        close when the worker is at its cap."""
+        for its next head (the keep-alive timeout closes it if none comes): the first a new connection may close
+        when the worker is at its cap."""
         cycle = self.cycle
-        if self._message_done and cycle is not None and cycle.response_complete and not self.transport.is_closing():
+        answered = cycle is None or cycle.response_complete  # None: its one request so far was refused at its head
+        if self._message_done and answered and not self.transport.is_closing():
             self._in_head = True
             self._head_bytes = 0
             _waiting[self] = None
+            if self.timeout_keep_alive_task is None:
+                # Answered before its body was read (a refusal, a 415): the body's arrival stopped the idle timer
+                # the answer armed, and nothing else would close the connection if no request follows.
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
 
     def _close_with(self, response: bytes, reason: str, message: str, *args: Any) -> None:
         self._problem(reason, message, *args)
@@ -288,6 +352,9 @@ class HardenedProtocol(HttpToolsProtocol):
         metrics.count(metrics.connection_problems, reason)
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         _warn.warning(reason, "%s " + message, client, *args)
+
+
+_admission = Admission(HardenedProtocol.max_in_flight)
 
 
 def _evict_oldest_waiting(limit: int) -> bool:

@@ -86,13 +86,13 @@ class Settings:
     redis_pool_size: int = 10
     redis_key_prefix: str = ""
     cache_ttl: int = 86_400
-    # Requests one worker serves at once; more are answered 503 at once (admission control).
-    max_concurrent_requests: int = 64
     # The connection layer (service/protocol.py, which reads them itself: uvicorn makes it before start-up runs):
-    # seconds for a request's head and for its body, and open connections per worker (0: under the fd limit).
+    # seconds for a request's head and for its body, open connections per worker (0: under the fd limit), and
+    # requests one worker serves at once (more are answered 503 at once: admission control).
     http_head_timeout: float = 10.0
     http_body_timeout: float = 30.0
     http_max_connections: int = 0
+    max_concurrent_requests: int = 64
     # Decisions older than this lose the applicant's inputs and reference (python -m service.retention).
     # 761 days: 25 months, as long as Regulation B asks a lender to keep an application's records.
     retention_days: int = 761
@@ -123,7 +123,6 @@ class Settings:
             redis_pool_size=_int(env, "REDIS_POOL_SIZE", 10, minimum=1, maximum=1000),
             redis_key_prefix=env.get("REDIS_KEY_PREFIX", ""),
             cache_ttl=_int(env, "CACHE_TTL", 86_400, minimum=1, maximum=10 * 365 * 86_400),
-            max_concurrent_requests=_int(env, "MAX_CONCURRENT_REQUESTS", 64, minimum=1, maximum=100_000),
             retention_days=_int(env, "RETENTION_DAYS", 761, minimum=1, maximum=100 * 366),
             **http_limits(env),
         )
@@ -133,14 +132,17 @@ class HttpLimits(TypedDict):
     http_head_timeout: float
     http_body_timeout: float
     http_max_connections: int
+    max_concurrent_requests: int
 
 
 def http_limits(env: Mapping[str, str]) -> HttpLimits:
-    """HTTP_HEAD_TIMEOUT, HTTP_BODY_TIMEOUT and HTTP_MAX_CONNECTIONS, checked; ConfigError names the variable."""
+    """HTTP_HEAD_TIMEOUT, HTTP_BODY_TIMEOUT, HTTP_MAX_CONNECTIONS and MAX_CONCURRENT_REQUESTS, checked;
+    ConfigError names the variable."""
     return {
         "http_head_timeout": _seconds(env, "HTTP_HEAD_TIMEOUT", 10.0, positive=True),
         "http_body_timeout": _seconds(env, "HTTP_BODY_TIMEOUT", 30.0, positive=True),
         "http_max_connections": _int(env, "HTTP_MAX_CONNECTIONS", 0, minimum=0, maximum=1_000_000),
+        "max_concurrent_requests": _int(env, "MAX_CONCURRENT_REQUESTS", 64, minimum=1, maximum=100_000),
     }
 
 

@@ -224,6 +224,33 @@ MUTANTS = (
         ),
         ("tests/test_tasks.py",),
     ),
+    Mutant(
+        "a refusal at a request's head ignores an answer still due on the connection (pipelining)",
+        (
+            Edit(
+                "service/protocol.py",
+                "if (cycle is not None and not cycle.response_complete) or self.parser.should_upgrade():",
+                "if self.parser.should_upgrade():",
+            ),
+        ),
+        ("tests/test_admission.py",),
+    ),
+    Mutant(
+        "an admitted request's place is never freed",
+        (Edit("service/admission.py", "        self.in_flight -= 1\n", "        pass\n"),),
+        ("tests/test_admission.py",),
+    ),
+    Mutant(
+        "a connection answered before its body was read is left idle with no timer",
+        (
+            Edit(
+                "service/protocol.py",
+                "            if self.timeout_keep_alive_task is None:\n",
+                "            if False:\n",
+            ),
+        ),
+        ("tests/test_admission.py",),
+    ),
 )
 
 

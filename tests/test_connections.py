@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
+from tests import rawhttp
 from tests.conftest import wait_until
 from tests.procfile import Service
 
@@ -45,48 +45,30 @@ def limited(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPath
     service.stop(__import__("signal").SIGTERM)
 
 
-def _connect(service: Service) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", service.port), timeout=5)
-
-
-def _answer(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, float]:
-    """Everything the server sends until it closes, and how long that took."""
-    sock.settimeout(timeout)
-    started = time.monotonic()
-    received = b""
-    while chunk := sock.recv(65536):
-        received += chunk
-    return received, time.monotonic() - started
-
-
-def _status(answer: bytes) -> int:
-    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
-
-
 def test_a_silent_connection_is_answered_408_and_closed_at_its_deadline(limited: Service) -> None:
-    with _connect(limited) as sock:
-        answer, waited = _answer(sock)
-    assert _status(answer) == 408 and 0.8 < waited < 3.0, (answer, waited)
+    with rawhttp.connect(limited) as sock:
+        answer, waited = rawhttp.until_closed(sock)
+    assert rawhttp.status(answer) == 408 and 0.8 < waited < 3.0, (answer, waited)
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["status"] == 408
 
 
 def test_a_head_sent_slowly_is_cut_at_its_deadline(limited: Service) -> None:
-    with _connect(limited) as sock:
+    with rawhttp.connect(limited) as sock:
         sock.sendall(b"POST /decisions HTTP/1.1\r\nHost: x\r\n")
         for _ in range(3):  # a header a while, never the end of the head
             time.sleep(0.4)
             sock.sendall(b"X-Slow: 1\r\n")
-        answer, _ = _answer(sock)
-    assert _status(answer) == 408
+        answer, _ = rawhttp.until_closed(sock)
+    assert rawhttp.status(answer) == 408
 
 
 def test_a_body_that_stops_coming_is_answered_408(limited: Service) -> None:
-    with _connect(limited) as sock:
+    with rawhttp.connect(limited) as sock:
         sock.sendall(
             b"POST /decisions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
         )
-        answer, waited = _answer(sock)
-    assert _status(answer) == 408 and 1.7 < waited < 4.0, (answer, waited)
+        answer, waited = rawhttp.until_closed(sock)
+    assert rawhttp.status(answer) == 408 and 1.7 < waited < 4.0, (answer, waited)
     assert wait_until(lambda: "sent no complete request body in 2 s: 408" in limited.log(), timeout=2)
 
 
@@ -99,7 +81,7 @@ def _rss_mib(service: Service) -> float:
 def test_a_head_over_its_caps_is_answered_431_and_never_buffered_whole(limited: Service, head: str) -> None:
     before = _rss_mib(limited)
     sent = 0
-    with _connect(limited) as sock:
+    with rawhttp.connect(limited) as sock:
         sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
         try:
             if head == "one huge header":
@@ -111,7 +93,7 @@ def test_a_head_over_its_caps_is_answered_431_and_never_buffered_whole(limited: 
                     sent += 1024
             else:
                 sock.sendall(b"".join(b"X-Field-%d: 1\r\n" % i for i in range(150)) + b"\r\n")
-            answer, _ = _answer(sock)
+            answer, _ = rawhttp.until_closed(sock)
         except (BrokenPipeError, ConnectionResetError):
             # Closed while we were still sending (the unread rest makes it a reset, which may discard the 431
             # before we read it): what the cap is for.
@@ -119,14 +101,14 @@ def test_a_head_over_its_caps_is_answered_431_and_never_buffered_whole(limited: 
     if head == "streamed without end":
         assert sent < 4 * 1024 * 1024, "cut within a few MiB of socket buffers, not streamed on"
     else:
-        assert _status(answer) == 431, answer[:200]
+        assert rawhttp.status(answer) == 431, answer[:200]
     assert _rss_mib(limited) - before < 20
 
 
 def test_at_its_connection_cap_a_worker_closes_the_oldest_silent_connection_to_let_a_new_one_in(
     limited: Service,
 ) -> None:
-    silent = [_connect(limited) for _ in range(CAP + 10)]
+    silent = [rawhttp.connect(limited) for _ in range(CAP + 10)]
     try:
         time.sleep(0.2)
         # Probes still get in: each new connection closes the oldest one that has sent nothing.
@@ -148,15 +130,15 @@ def test_malformed_requests_and_upgrades_are_logged_once_a_second_with_the_clien
 ) -> None:
     before = len(limited.log().splitlines())
     for _ in range(20):
-        with _connect(limited) as sock:
+        with rawhttp.connect(limited) as sock:
             sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
-            answer, _ = _answer(sock)
-        assert _status(answer) == 400
+            answer, _ = rawhttp.until_closed(sock)
+        assert rawhttp.status(answer) == 400
     for request in (
         b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
         b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
     ):
-        with _connect(limited) as sock:
+        with rawhttp.connect(limited) as sock:
             sock.sendall(request)
             sock.settimeout(2)
             assert sock.recv(65536).startswith(b"HTTP/1.1 ")  # answered as plain HTTP
@@ -169,84 +151,51 @@ def test_malformed_requests_and_upgrades_are_logged_once_a_second_with_the_clien
     assert not any("pip install" in line or "WebSocket library" in line for line in new), new
 
 
-def _request(method: str, path: str, body: bytes = b"", *extra: bytes) -> bytes:
-    head = [f"{method} {path} HTTP/1.1".encode(), b"Host: x", *extra]
-    if body or method == "POST":
-        head += [b"Content-Type: application/json", b"Content-Length: %d" % len(body)]
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
-
-
-def _responses(sock: socket.socket, count: int, timeout: float = 5.0) -> list[bytes]:
-    """The first `count` responses on the connection (each has a Content-Length), or fewer if it closes first."""
-    sock.settimeout(timeout)
-    buffer, found = b"", []
-    while len(found) < count:
-        head, sep, rest = buffer.partition(b"\r\n\r\n")
-        if sep:
-            length = next(
-                (
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length")
-                ),
-                0,
-            )
-            if len(rest) >= length:
-                found.append(head + sep + rest[:length])
-                buffer = rest[length:]
-                continue
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        buffer += chunk
-    return found
-
-
 def test_a_kept_alive_connection_is_not_cut_while_its_next_request_is_under_way(
     limited: Service, applicant: dict
 ) -> None:
     """The idle timer armed after an answer stops when the next request arrives, however long that one takes."""
     body = json.dumps(applicant).encode()
-    with _connect(limited) as sock:
-        sock.sendall(_request("GET", "/health/live"))
-        assert [_status(r) for r in _responses(sock, 1)] == [200]
+    with rawhttp.connect(limited) as sock:
+        sock.sendall(rawhttp.request("GET", "/health/live"))
+        assert [rawhttp.status(r) for r in rawhttp.responses(sock, 1)] == [200]
         time.sleep(0.5)
-        request = _request("POST", "/decisions", body)
+        request = rawhttp.request("POST", "/decisions", body)
         sock.sendall(request[:-10])  # the body's last bytes come after the 1 s idle timeout has passed
         time.sleep(1.2)
         sock.sendall(request[-10:])
-        assert [_status(r) for r in _responses(sock, 1)] == [201]
+        assert [rawhttp.status(r) for r in rawhttp.responses(sock, 1)] == [201]
 
 
 def test_a_request_after_an_upgrade_on_the_same_connection_is_never_run(limited: Service) -> None:
     """httptools stops parsing at an Upgrade: the request is answered as plain HTTP and its connection closed
     at once, so what follows it is never read as a request of its own."""
     before = len(limited.log().splitlines())
-    smuggled = _request("DELETE", "/decisions/smuggled")
-    with _connect(limited) as sock:
+    smuggled = rawhttp.request("DELETE", "/decisions/smuggled")
+    with rawhttp.connect(limited) as sock:
         sock.sendall(
             b"POST /decisions HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
         )
-        answers = _responses(sock, 1, timeout=3)
+        answers = rawhttp.responses(sock, 1, timeout=3)
         answered = time.monotonic()
         with contextlib.suppress(OSError):
             sock.sendall(smuggled)
         try:
-            rest, _ = _answer(sock, timeout=3)
+            rest, _ = rawhttp.until_closed(sock, timeout=3)
         except ConnectionResetError:  # closed with the smuggled bytes unread: the kernel resets instead
             rest = b""
         closed_after = time.monotonic() - answered
-    assert len(answers) == 1 and _status(answers[0]) != 200 and rest == b"", (answers, rest)
+    assert len(answers) == 1 and rawhttp.status(answers[0]) != 200 and rest == b"", (answers, rest)
     assert closed_after < 0.5, closed_after  # not at the 1 s keep-alive timeout
     time.sleep(0.2)
     assert not [line for line in limited.log().splitlines()[before:] if "smuggled" in line]
 
 
-def test_an_answer_before_the_body_is_read_is_the_only_answer(limited: Service) -> None:
+def test_an_answer_before_the_body_is_read_is_the_onlyuntil_closed(limited: Service) -> None:
     """A 415 sent before its 20 KB body arrived: the body is not taken for a head (no 431), the connection lives."""
     body = b"x" * 20_000
-    with _connect(limited) as sock:
+    with rawhttp.connect(limited) as sock:
         sock.sendall(
             b"POST /decisions HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body)
             + body[:1000]
@@ -254,8 +203,8 @@ def test_an_answer_before_the_body_is_read_is_the_only_answer(limited: Service) 
         time.sleep(0.3)
         sock.sendall(body[1000:])
         time.sleep(0.3)
-        sock.sendall(_request("GET", "/health/live"))
-        assert [_status(r) for r in _responses(sock, 2)] == [415, 200]
+        sock.sendall(rawhttp.request("GET", "/health/live"))
+        assert [rawhttp.status(r) for r in rawhttp.responses(sock, 2)] == [415, 200]
 
 
 def test_pipelined_requests_are_each_answered_and_none_runs_behind_a_refused_head(
@@ -263,18 +212,18 @@ def test_pipelined_requests_are_each_answered_and_none_runs_behind_a_refused_hea
 ) -> None:
     body = json.dumps({"applicants": [applicant] * 30}).encode()  # ~13 KB: with the next head, one read over 16 KiB
     assert len(body) > 10_000
-    with _connect(limited) as sock:
-        nxt = _request("GET", "/health/live", b"", b"X-Pad: " + b"p" * 5_000)
-        sock.sendall(_request("POST", "/decisions/batch", body) + nxt[:-20])
+    with rawhttp.connect(limited) as sock:
+        nxt = rawhttp.request("GET", "/health/live", b"", b"X-Pad: " + b"p" * 5_000)
+        sock.sendall(rawhttp.request("POST", "/decisions/batch", body) + nxt[:-20])
         time.sleep(0.2)
         sock.sendall(nxt[-20:])
-        assert [_status(r) for r in _responses(sock, 2)] == [201, 200]
+        assert [rawhttp.status(r) for r in rawhttp.responses(sock, 2)] == [201, 200]
     before = len(limited.log().splitlines())
-    too_many = _request("GET", "/health/live", b"", *(b"X-%d: 1" % i for i in range(101)))
-    with _connect(limited) as sock:
-        sock.sendall(too_many + _request("DELETE", "/decisions/behind-a-431"))
-        answers = _responses(sock, 2, timeout=3)
-    assert [_status(r) for r in answers] == [431]
+    too_many = rawhttp.request("GET", "/health/live", b"", *(b"X-%d: 1" % i for i in range(101)))
+    with rawhttp.connect(limited) as sock:
+        sock.sendall(too_many + rawhttp.request("DELETE", "/decisions/behind-a-431"))
+        answers = rawhttp.responses(sock, 2, timeout=3)
+    assert [rawhttp.status(r) for r in answers] == [431]
     time.sleep(0.2)
     assert not [line for line in limited.log().splitlines()[before:] if "behind-a-431" in line]
 

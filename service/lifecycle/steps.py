@@ -39,7 +39,6 @@ def _settings_step(configured: Settings | None) -> Step:
         state.api_keys = KeyRing(settings.api_keys)
         state.audit_keys = KeyRing(settings.audit_keys)
         state.admin_keys = KeyRing(settings.admin_keys)
-        state.max_concurrent_requests = settings.max_concurrent_requests
         state.shutting_down = False
         state.shutdown_began = None
         state.idempotency_in_flight = set()
