@@ -63,8 +63,9 @@ class Admission:
     def _finished(self, _: asyncio.Task[None]) -> None:
         self.in_flight -= 1
 
-    def refusal(self, server_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
-        """A refused request's whole answer, counted (and summed up in the log at most once a second)."""
+    def refusal(self, server_headers: list[tuple[bytes, bytes]], keep_alive: bool, head: bool = False) -> bytes:
+        """A refused request's whole answer (without its body for HEAD), counted (and summed up in the log at most
+        once a second)."""
         self.shed += 1
         metrics.count(metrics.requests_shed)
         now = time.monotonic()
@@ -80,5 +81,5 @@ class Admission:
         for name, value in server_headers:
             answer += [name, b": ", value, b"\r\n"]
         answer += [self._fields, b"" if keep_alive else b"connection: close\r\n"]
-        answer += [b"x-request-id: ", os.urandom(16).hex().encode(), b"\r\n\r\n", self._body]
+        answer += [b"x-request-id: ", os.urandom(16).hex().encode(), b"\r\n\r\n", b"" if head else self._body]
         return b"".join(answer)

@@ -211,6 +211,8 @@ class HardenedProtocol(HttpToolsProtocol):
             self._upgraded = True
             if self.cycle is not None:
                 self.cycle.keep_alive = False
+                if self.cycle.response_complete:  # refused at capacity already: nothing more will be read
+                    self.transport.close()
             self._problem("upgrade", "asked to upgrade the connection (%s): answered as plain HTTP", self._upgrade())
             return
         if in_head and self._in_head and self._begun == begun and not self.transport.is_closing():
@@ -224,21 +226,34 @@ class HardenedProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         """uvicorn calls this once a request's head is in and no earlier answer on the connection is pending (for
         a pipelined request, once the one before it is answered), so a refusal written here is in order."""
-        if _admission.full() and cycle.scope["path"][len(self.root_path) :] not in UNLIMITED_PATHS:
-            self._refuse(cycle.keep_alive and not cycle.waiting_for_100_continue)
+        while _admission.full() and cycle.scope["path"][len(self.root_path) :] not in UNLIMITED_PATHS:
+            self._refuse(cycle.keep_alive and not cycle.waiting_for_100_continue, cycle.scope["method"] == "HEAD")
             cycle.response_started = cycle.response_complete = True
-            self.on_response_complete()
-            return
+            if not self.pipeline or self.transport.is_closing():
+                self.on_response_complete()
+                return
+            # The next request queued behind it, as on_response_complete would start it, but in this loop: through
+            # on_response_complete each refusal would call this again, a level deeper (hundreds of small pipelined
+            # requests would reach the recursion limit).
+            self.server_state.total_requests += 1
+            self.flow.resume_reading()
+            cycle, app = self.pipeline.pop()
         # As uvicorn's own (without its opt-in reset_contextvars), keeping the task to count it until its end.
         task = self.loop.create_task(cycle.run_asgi(app))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
         _admission.admit(task)
 
-    def _refuse(self, keep_alive: bool) -> None:
-        self.transport.write(_admission.refusal(self.server_state.default_headers, keep_alive))
+    def _refuse(self, keep_alive: bool, head: bool) -> None:
+        # A client that sends request after request and reads none of the answers would grow the write buffer
+        # without end (a refusal is written at once, without waiting for the client to read): past uvicorn's
+        # high-water mark the refusal closes the connection, and an unread answer is dropped after a grace.
+        keep_alive = keep_alive and not self.flow.write_paused
+        self.transport.write(_admission.refusal(self.server_state.default_headers, keep_alive, head))
         if not keep_alive:
             self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
 
     def _upgrade(self) -> str:
         upgrade = self._get_upgrade() if self.headers else None
@@ -254,6 +269,9 @@ class HardenedProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = self._field_bytes = self._header_count = 0
         _waiting[self] = None
+        # A request answered before its body was in re-arms the idle timer when its body ends (_idle_if_done),
+        # possibly in the same read as this request's head, after data_received stopped the timer.
+        self._unset_keepalive_if_required()
         if self._deadline is None:  # a request on a kept-alive connection: its head's deadline runs from here
             self._set_deadline(self.head_timeout, "head")
 
@@ -285,7 +303,8 @@ class HardenedProtocol(HttpToolsProtocol):
             self._refuse(
                 self.parser.get_http_version() != "1.0"
                 and self.parser.should_keep_alive()
-                and not self.expect_100_continue
+                and not self.expect_100_continue,
+                self.parser.get_method() == b"HEAD",
             )
             self.on_response_complete()
             return

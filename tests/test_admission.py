@@ -73,12 +73,30 @@ def _held(service: Service, body: bytes) -> Iterator[list[socket.socket]]:
 
         assert wait_until(full, timeout=5)
         yield held
-        for sock in held:
-            sock.sendall(body[-10:])
-        assert [_statuses(sock, 1) for sock in held] == [[201]] * LIMIT
+        _release(held, body)
     finally:
         for sock in held:
             sock.close()
+
+
+def _release(held: list[socket.socket], body: bytes) -> None:
+    """Finish the held requests (once): each must answer 201."""
+    if held and held[0].fileno() != -1:
+        for sock in held:
+            sock.sendall(body[-10:])
+        assert [_statuses(sock, 1) for sock in held] == [[201]] * LIMIT
+        for sock in held:
+            sock.close()
+
+
+def _head_only(sock: socket.socket) -> bytes:
+    """An answer's head, read byte by byte (an answer to HEAD has a Content-Length but no body)."""
+    received = b""
+    while not received.endswith(b"\r\n\r\n"):
+        chunk = sock.recv(1)
+        assert chunk, received
+        received += chunk
+    return received
 
 
 @pytest.fixture
@@ -172,3 +190,91 @@ def test_refusals_are_counted_and_summed_up_in_one_line_without_access_lines(ser
     lines = service.log().splitlines()[before:]
     assert not [line for line in lines if "POST /decisions 503" in line], lines
     assert "Traceback" not in service.log()
+
+
+def test_a_refused_head_request_gets_no_body(service: Service, body: bytes) -> None:
+    with rawhttp.connect(service) as sock, _held(service, body):
+        sock.sendall(rawhttp.request("HEAD", "/decisions/00000000-0000-4000-8000-000000000000"))
+        head = _head_only(sock)
+        assert rawhttp.status(head) == 503 and int(rawhttp.headers(head)["content-length"]) > 0
+        sock.sendall(_get("/health/live"))
+        [answer] = rawhttp.responses(sock, 1)
+        assert rawhttp.status(answer) == 200, answer  # the next answer is read where it starts
+
+
+def test_an_upgrade_refused_at_capacity_closes_its_connection(service: Service, body: bytes) -> None:
+    with rawhttp.connect(service) as sock, _held(service, body):
+        sock.sendall(_post(body, b"Connection: Upgrade", b"Upgrade: h2c"))
+        assert _statuses(sock, 1) == [503]
+        assert rawhttp.until_closed(sock, timeout=2)[1] < 0.5  # at once, not at the 1 s keep-alive timeout
+
+
+def test_a_queued_request_refused_with_connection_close_closes_it(service: Service, body: bytes) -> None:
+    with rawhttp.connect(service) as held, rawhttp.connect(service) as sock:
+        held.sendall(_post(body)[:-10])  # one place taken, one left
+        time.sleep(0.3)
+        sock.sendall(_post(body) + _post(body, b"Connection: close"))
+        answers = rawhttp.responses(sock, 2)
+        assert [rawhttp.status(a) for a in answers] == [201, 503]
+        assert rawhttp.headers(answers[1])["connection"] == "close"
+        assert rawhttp.until_closed(sock, timeout=2)[1] < 0.5
+        held.sendall(body[-10:])
+        assert _statuses(held, 1) == [201]
+
+
+def test_hundreds_of_requests_queued_behind_a_probe_are_each_refused(service: Service, body: bytes) -> None:
+    """Refused one after another as their turns come, in a loop: not one call deeper per refusal."""
+    before = len(service.log().splitlines())
+    queued = 400
+    with rawhttp.connect(service) as sock, _held(service, body):
+        sock.sendall(_get("/health/live") + _get("/decisions/00000000-0000-4000-8000-000000000000") * queued)
+        assert _statuses(sock, 1 + queued) == [200] + [503] * queued
+        sock.sendall(_get("/health/live"))
+        assert _statuses(sock, 1) == [200]
+    assert "Traceback" not in "\n".join(service.log().splitlines()[before:])
+
+
+def test_a_client_that_never_reads_its_refusals_is_cut_off(service: Service, body: bytes) -> None:
+    """Refusals are written at once; one that finds the client's unread answers past the high-water mark closes."""
+    with socket.socket() as sock, _held(service, body):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", service.port))
+        request = _get("/decisions/00000000-0000-4000-8000-000000000000")
+        sent = 0
+        with contextlib.suppress(OSError):  # closed while still sending: what is wanted
+            for _ in range(50):
+                sock.sendall(request * 500)
+                sent += 500
+        time.sleep(0.5)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):  # closed with the answers unread: the kernel resets
+            while chunk := sock.recv(65536):  # socket.timeout (a failure) if it is left open
+                received += chunk
+    # Kept whole, the answers to all 25,000 requests (~10 MB) would wait in the worker until read.
+    assert received.count(b"HTTP/1.1 503 ") < sent / 4, (len(received), sent)
+
+
+def test_a_request_after_a_refused_body_in_the_same_read_is_not_cut_by_the_idle_timer(
+    service: Service, body: bytes
+) -> None:
+    """The refused request's end re-arms the idle timer (1 s here); the next request, begun in the same read and
+    admitted, must stop it again, or its connection is closed under it."""
+    held = [rawhttp.connect(service) for _ in range(LIMIT)]
+    try:
+        for other in held:
+            other.sendall(_post(body)[:-10])
+        time.sleep(0.3)
+        with rawhttp.connect(service) as sock:
+            refused = _post(body)
+            sock.sendall(refused[: -len(body)])
+            assert _statuses(sock, 1) == [503]
+            _release(held, body)  # the places are free again
+            admitted = _post(body)
+            sock.sendall(refused[-len(body) :] + admitted[:-10])
+            time.sleep(1.5)  # past the idle timeout, while the admitted request waits for its last bytes
+            sock.sendall(admitted[-10:])
+            assert _statuses(sock, 1) == [201]
+    finally:
+        for other in held:
+            other.close()
