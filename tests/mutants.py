@@ -163,7 +163,7 @@ MUTANTS = (
     ),
     Mutant(
         "a request under way on a kept-alive connection leaves its idle timer running",
-        (Edit("service/protocol.py", "        self._unset_keepalive_if_required()\n", ""),),
+        (Edit("service/protocol.py", "        self._unset_keepalive_if_required()\n", "", count=2),),
         ("tests/test_connections.py",),
     ),
     Mutant(
