@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2 as httpx
@@ -89,3 +91,14 @@ class Service:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def serving(database_url: str, redis_url: str, log: Path, **settings: str) -> Iterator[Service]:
+    """A service from the Procfile with these settings, ready; stopped with SIGTERM on leaving."""
+    service = Service(service_environment(database_url, redis_url, **settings), log)
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop(signal.SIGTERM)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import pytest
 
 from tests import rawhttp
 from tests.conftest import redis_prefix, wait_until
-from tests.procfile import Service, service_environment
+from tests.procfile import Service, serving
 
 pytestmark = pytest.mark.process
 
@@ -30,17 +29,15 @@ LIMIT = 2
 
 @pytest.fixture(scope="module")
 def service(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    env = service_environment(
+    with serving(
         postgres_url,
         redis_url,
+        tmp_path_factory.mktemp("admission") / "service.log",
         REDIS_KEY_PREFIX=redis_prefix(),
         MAX_CONCURRENT_REQUESTS=str(LIMIT),
         UVICORN_TIMEOUT_KEEP_ALIVE="1",
-    )
-    started = Service(env, tmp_path_factory.mktemp("admission") / "service.log")
-    started.wait_ready()
-    yield started
-    started.stop(signal.SIGTERM)
+    ) as started:
+        yield started
 
 
 def _post(body: bytes, *extra: bytes, version: bytes = b"1.1") -> bytes:

@@ -16,8 +16,8 @@ import httpx2 as httpx
 import pytest
 
 from tests import rawhttp
-from tests.conftest import wait_until
-from tests.procfile import Service
+from tests.conftest import redis_prefix, wait_until
+from tests.procfile import Service, serving
 
 pytestmark = pytest.mark.process
 
@@ -26,23 +26,18 @@ CAP = 40
 
 @pytest.fixture(scope="module")
 def limited(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    from tests.conftest import redis_prefix
-    from tests.procfile import service_environment
-
-    env = service_environment(
+    with serving(
         postgres_url,
         redis_url,
+        tmp_path_factory.mktemp("connections") / "service.log",
         REDIS_KEY_PREFIX=redis_prefix(),
         HTTP_HEAD_TIMEOUT="1",
         HTTP_BODY_TIMEOUT="2",  # not the head's: a body must be cut by its own deadline
         HTTP_MAX_CONNECTIONS=str(CAP),
         # uvicorn's idle timeout for kept-alive connections (5 s by default), short so that a test can outlast it.
         UVICORN_TIMEOUT_KEEP_ALIVE="1",
-    )
-    service = Service(env, tmp_path_factory.mktemp("connections") / "service.log")
-    service.wait_ready()
-    yield service
-    service.stop(__import__("signal").SIGTERM)
+    ) as service:
+        yield service
 
 
 def test_a_silent_connection_is_answered_408_and_closed_at_its_deadline(limited: Service) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from starlette.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import count_rows, redis_prefix
-from tests.procfile import Service, service_environment
+from tests.procfile import Service, serving
 
 # The API is open (no API_KEYS); an audit key reaches the applicant's inputs, an admin key erasure. The
 # other /admin operations get no admin key: a generated body must not change the run's champion.
@@ -40,18 +39,16 @@ RESULTS = Path(__file__).resolve().parent.parent / "var" / "fuzz-counts.txt"
 
 @pytest.fixture(scope="module")
 def running(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    env = service_environment(
+    with serving(
         postgres_url,
         redis_url,
+        tmp_path_factory.mktemp("fuzz") / "service.log",
         REDIS_KEY_PREFIX=redis_prefix(),
         LOG_LEVEL="WARNING",
         AUDIT_API_KEYS=f"fuzz-audit:{AUDIT_KEY}",
         ADMIN_API_KEYS=f"fuzz-admin:{ADMIN_KEY}",
-    )
-    service = Service(env, tmp_path_factory.mktemp("fuzz") / "service.log")
-    service.wait_ready()
-    yield service
-    service.stop(signal.SIGTERM)
+    ) as service:
+        yield service
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text("".join(f"{name}: {n}\n" for name, n in sorted(COUNTS.items())))
     assert "Traceback" not in service.log()
