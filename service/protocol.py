@@ -124,7 +124,11 @@ class HardenedProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._deadline: asyncio.TimerHandle | None = None
+        # The current phase's deadline (loop time), if one runs, and the one timer that checks it: armed at or
+        # before the deadline and moved only when it fires, so a request's phases cost no timer each.
+        self._deadline: float | None = None
+        self._phase = "head"
+        self._timer: asyncio.TimerHandle | None = None
         # Bytes received for the current head (a memory bound while it streams), and its fields' exact size.
         self._head_bytes = 0
         self._field_bytes = 0
@@ -157,7 +161,7 @@ class HardenedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         _waiting.pop(self, None)
-        self._cancel_deadline()
+        self._stop_timer()
         if self._refused:
             return
         super().connection_lost(exc)
@@ -165,16 +169,35 @@ class HardenedProtocol(HttpToolsProtocol):
     # -- deadlines ---------------------------------------------------------------------------
 
     def _set_deadline(self, seconds: float, phase: str) -> None:
-        self._cancel_deadline()
-        self._deadline = self.loop.call_later(seconds, self._expired, phase)
+        at = self.loop.time() + seconds
+        self._deadline, self._phase = at, phase
+        timer = self._timer
+        if timer is None or timer.when() > at:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(at, self._deadline_due)
 
     def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._deadline = None  # the timer, when it fires, finds none
+
+    def _stop_timer(self) -> None:
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _deadline_due(self) -> None:
+        self._timer = None
+        at = self._deadline
+        if at is None:
+            return
+        if self.loop.time() < at:  # set again, later, since the timer was armed
+            self._timer = self.loop.call_at(at, self._deadline_due)
+            return
+        self._deadline = None
+        self._expired(self._phase)
 
     def _expired(self, phase: str) -> None:
-        self._deadline = None
         if self.transport.is_closing():
             return
         answer = TIMEOUT
@@ -357,7 +380,7 @@ class HardenedProtocol(HttpToolsProtocol):
 
     def _close_with(self, response: bytes, reason: str, message: str, *args: Any) -> None:
         self._problem(reason, message, *args)
-        self._cancel_deadline()
+        self._stop_timer()
         _waiting.pop(self, None)
         if response:
             self.transport.write(response)

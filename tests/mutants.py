@@ -225,6 +225,11 @@ MUTANTS = (
         ("tests/test_tasks.py",),
     ),
     Mutant(
+        "a connection's one timer, set for an earlier phase, ends the later phase at the earlier time",
+        (Edit("service/protocol.py", "        if self.loop.time() < at:", "        if False:"),),
+        ("tests/test_connections.py",),
+    ),
+    Mutant(
         "a refusal at a request's head ignores an answer still due on the connection (pipelining)",
         (
             Edit(
