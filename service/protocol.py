@@ -67,6 +67,8 @@ MAX_HEADERS = 100
 RESERVED_DESCRIPTORS = 256
 # Each open connection costs a worker ~7 KB (its protocol, parser and buffers): 4,096 of them ~28 MB.
 MAX_CONNECTIONS_CEILING = 4096
+# A request refused at its head with a body up to this many bytes is read past, to keep its connection alive.
+REFUSED_BODY_KEPT = 64 * 1024
 # Seconds a connection closed with an answer still unwritten (its client does not read) keeps its socket.
 CLOSE_GRACE_SECONDS = 1.0
 
@@ -326,12 +328,24 @@ class HardenedProtocol(HttpToolsProtocol):
             self._refuse(
                 self.parser.get_http_version() != "1.0"
                 and self.parser.should_keep_alive()
-                and not self.expect_100_continue,
+                and not self.expect_100_continue
+                and self._body_is_small(),
                 self.parser.get_method() == b"HEAD",
             )
             self.on_response_complete()
             return
         super().on_headers_complete()
+
+    def _body_is_small(self) -> bool:
+        """Whether a refused request's body is worth reading past to keep its connection: none, or a declared
+        length up to REFUSED_BODY_KEPT. A larger or chunked one closes the connection after the 503 instead."""
+        small = True
+        for name, value in self.headers:
+            if name == b"transfer-encoding" or (
+                name == b"content-length" and not (value.isdigit() and int(value) <= REFUSED_BODY_KEPT)
+            ):
+                small = False
+        return small
 
     def _may_refuse_at_head(self) -> bool:
         """Whether the request whose head just ended may be refused now: not a probe's or a scrape, not an upgrade

@@ -142,13 +142,19 @@ def test_pipelined_requests_are_answered_in_order_and_each_checked_when_its_turn
         assert _statuses(held, 1) == [201]
 
 
-@pytest.mark.parametrize("how", ["HTTP/1.0", "Expect: 100-continue", "Connection: close"])
+@pytest.mark.parametrize(
+    "how", ["HTTP/1.0", "Expect: 100-continue", "Connection: close", "a large body", "a chunked body"]
+)
 def test_a_refusal_closes_the_connection_where_it_cannot_be_kept(service: Service, body: bytes, how: str) -> None:
     with rawhttp.connect(service) as sock, _held(service, body):
         if how == "HTTP/1.0":
             sock.sendall(_post(body, version=b"1.0"))
         elif how == "Connection: close":
             sock.sendall(_post(body, b"Connection: close"))
+        elif how == "a large body":  # not read past: 1 MB that would be read only to be dropped
+            sock.sendall(b"POST /decisions/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n{")
+        elif how == "a chunked body":
+            sock.sendall(b'POST /decisions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"a":')
         else:  # the body is not sent: the client waits for "100 Continue", or for a final answer
             sock.sendall(_post(body, b"Expect: 100-continue")[: -len(body)])
         [answer] = rawhttp.responses(sock, 1)
