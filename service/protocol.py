@@ -272,13 +272,11 @@ class HardenedProtocol(HttpToolsProtocol):
     def _refuse(self, keep_alive: bool, head: bool) -> None:
         # A client that sends request after request and reads none of the answers would grow the write buffer
         # without end (a refusal is written at once, without waiting for the client to read): past uvicorn's
-        # high-water mark the refusal closes the connection, and an unread answer is dropped after a grace.
+        # high-water mark the refusal closes the connection.
         keep_alive = keep_alive and not self.flow.write_paused
         self.transport.write(_admission.refusal(self.server_state.default_headers, keep_alive, head))
         if not keep_alive:
-            self.transport.close()
-            if self.transport.get_write_buffer_size():
-                self.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
+            self._close_after_answer()
 
     def _upgrade(self) -> str:
         upgrade = self._get_upgrade() if self.headers else None
@@ -339,13 +337,11 @@ class HardenedProtocol(HttpToolsProtocol):
     def _body_is_small(self) -> bool:
         """Whether a refused request's body is worth reading past to keep its connection: none, or a declared
         length up to REFUSED_BODY_KEPT. A larger or chunked one closes the connection after the 503 instead."""
-        small = True
-        for name, value in self.headers:
-            if name == b"transfer-encoding" or (
-                name == b"content-length" and not (value.isdigit() and int(value) <= REFUSED_BODY_KEPT)
-            ):
-                small = False
-        return small
+        return not any(
+            name == b"transfer-encoding"
+            or (name == b"content-length" and not (value.isdigit() and int(value) <= REFUSED_BODY_KEPT))
+            for name, value in self.headers
+        )
 
     def _may_refuse_at_head(self) -> bool:
         """Whether the request whose head just ended may be refused now: not a probe's or a scrape, not an upgrade
@@ -398,6 +394,9 @@ class HardenedProtocol(HttpToolsProtocol):
         _waiting.pop(self, None)
         if response:
             self.transport.write(response)
+        self._close_after_answer()
+
+    def _close_after_answer(self) -> None:
         self.transport.close()
         if self.transport.get_write_buffer_size():
             # A client that does not read what it is sent would hold the socket open while the answer waits to
