@@ -38,6 +38,24 @@ SHED_REPORT_SECONDS = 1.0
 access_logger = logging.getLogger("service.access")
 
 
+class Place:
+    """An admitted request's place, freed once: when its answer is complete, or when its task ends without one.
+
+    Not at the task's end alone: a kept-alive client sends its next request as soon as it has the answer,
+    and the task's end (its access line, then a done callback one loop pass later) could come after that
+    request arrived, which would then be refused with the client's one request in progress."""
+
+    __slots__ = ("_admission",)
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission: Admission | None = admission
+
+    def free(self, _: object = None) -> None:
+        if self._admission is not None:
+            self._admission.in_flight -= 1
+            self._admission = None
+
+
 class Admission:
     """The requests a worker is serving against its limit, and the ones it refused: counted, and summed up in
     one line at most once a second."""
@@ -55,13 +73,12 @@ class Admission:
     def full(self) -> bool:
         return self.in_flight >= self.limit
 
-    def admit(self, task: asyncio.Task[None]) -> None:
-        """Count a request served by this task until the task ends."""
+    def admit(self, task: asyncio.Task[None]) -> Place:
+        """Count a request served by this task until its answer is complete (Place.free) or the task ends."""
         self.in_flight += 1
-        task.add_done_callback(self._finished)
-
-    def _finished(self, _: asyncio.Task[None]) -> None:
-        self.in_flight -= 1
+        place = Place(self)
+        task.add_done_callback(place.free)
+        return place
 
     def refusal(self, server_headers: list[tuple[bytes, bytes]], keep_alive: bool, head: bool = False) -> bytes:
         """A refused request's whole answer (without its body for HEAD), counted (and summed up in the log at most

@@ -53,7 +53,7 @@ from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from service import metrics
-from service.admission import MAX_CONCURRENT_REQUESTS, UNLIMITED_PATHS, Admission
+from service.admission import MAX_CONCURRENT_REQUESTS, UNLIMITED_PATHS, Admission, Place
 from service.logs import Throttled
 from service.settings import ConfigError, http_limits
 
@@ -145,6 +145,8 @@ class HardenedProtocol(HttpToolsProtocol):
         self._upgraded = False
         # The current request was refused at its head (admission): its body, if any, is read and dropped.
         self._refusing = False
+        # The place of the request this connection is serving, if admitted, until its answer is complete.
+        self._place: Place | None = None
 
     # -- the connection cap -------------------------------------------------------------------
 
@@ -267,7 +269,7 @@ class HardenedProtocol(HttpToolsProtocol):
         task = self.loop.create_task(cycle.run_asgi(app))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
-        _admission.admit(task)
+        self._place = _admission.admit(task)
 
     def _refuse(self, keep_alive: bool, head: bool) -> None:
         # A client that sends request after request and reads none of the answers would grow the write buffer
@@ -368,6 +370,9 @@ class HardenedProtocol(HttpToolsProtocol):
         self._idle_if_done()
 
     def on_response_complete(self) -> None:
+        if self._place is not None:  # the admitted request answered: its place is free (before the next starts)
+            self._place.free()
+            self._place = None
         super().on_response_complete()
         self._idle_if_done()
 

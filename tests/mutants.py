@@ -242,7 +242,12 @@ MUTANTS = (
     ),
     Mutant(
         "an admitted request's place is never freed",
-        (Edit("service/admission.py", "        self.in_flight -= 1\n", "        pass\n"),),
+        (Edit("service/admission.py", "            self._admission.in_flight -= 1\n", "            pass\n"),),
+        ("tests/test_admission.py",),
+    ),
+    Mutant(
+        "an admitted request keeps its place after its answer, until its task ends",
+        (Edit("service/protocol.py", "            self._place.free()\n", "            pass\n"),),
         ("tests/test_admission.py",),
     ),
     Mutant(
