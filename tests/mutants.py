@@ -116,6 +116,16 @@ MUTANTS = (
         ("tests/test_storage.py",),
     ),
     Mutant(
+        "a commit thread stuck on a frozen database is left stuck",
+        (Edit("service/storage/postgres_threads.py", "sock.shutdown(socket.SHUT_RDWR)", "sock.fileno()"),),
+        ("tests/test_outages.py",),
+    ),
+    Mutant(
+        "groups with idempotency keys commit on the threads, which cannot answer a conflict",
+        (Edit("service/storage/postgres.py", "all(r.idempotency_key is None for r in records)", "True"),),
+        ("tests/test_storage.py",),
+    ),
+    Mutant(
         "an idempotency key reused with another body replays the first answer",
         (Edit("service/routes/decisions.py", "if existing.request_hash != request_hash:", "if False:", count=2),),
         ("tests/test_decisions.py",),
@@ -199,7 +209,7 @@ MUTANTS = (
     ),
     Mutant(
         "every request waits for a database already seen down",
-        (Edit("service/storage/postgres.py", "        self._outage.check()\n", ""),),
+        (Edit("service/storage/postgres.py", "self._outage.check()", "None", count=2),),
         ("tests/test_outages.py::test_postgres_outage_answers_503_then_recovers",),
     ),
     Mutant(

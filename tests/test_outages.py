@@ -167,8 +167,8 @@ def test_a_network_that_swallows_packets_keeps_no_pooled_connection_once_the_dat
     proxy, url = proxied
 
     async def run() -> tuple[float, dict[str, int], list[object]]:
-        store = await PostgresStore.open(
-            url, pool_size=10, connect_timeout=2, request_timeout=1.0, application_name="credit-scoring-test"
+        store = await PostgresStore.open(  # 10 connections for the asynchronous pool, 4 for the commit threads
+            url, pool_size=14, connect_timeout=2, request_timeout=1.0, application_name="credit-scoring-test"
         )
         try:
             await store.migrate()
@@ -204,3 +204,65 @@ def test_a_network_that_swallows_packets_keeps_no_pooled_connection_once_the_dat
     assert back < 2.0, back
     assert stats["pool_available"] >= 8, stats  # at most the one request abandoned in the freeze is held
     assert all(r is None for r in results), results
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["in use", "checked before it is lent"])
+def test_a_group_commit_thread_on_a_frozen_database_is_cut_at_its_deadline(
+    proxied: tuple[TcpProxy, str], monkeypatch: pytest.MonkeyPatch, checked: bool
+) -> None:
+    """Groups without keys commit on threads (blocking psycopg): one stuck on a frozen network must not stay stuck
+    until the network comes back, or the next groups would queue behind it and shutdown would wait for it. Stuck
+    in the COPY, or in the check of a connection idle for a while, before the pool lends it."""
+    import asyncio
+    import datetime as dt
+    import uuid
+
+    from service import dataset
+    from service.errors import StoreUnavailable
+    from service.storage import PostgresStore, Record, postgres_threads
+    from tests.conftest import shipped_model
+
+    if checked:
+        monkeypatch.setattr(postgres_threads, "CHECK_IF_IDLE_SECONDS", -1.0)
+    proxy, url = proxied
+    model, applicant = shipped_model(), dataset.load().applicants[3]
+
+    def records(n: int) -> list[Record]:
+        return [Record(model.decide(applicant, uuid.uuid4(), dt.datetime.now(dt.UTC)), applicant) for _ in range(n)]
+
+    async def run() -> None:
+        # Two connections for the asynchronous pool, one commit thread: a stuck thread would stop every group.
+        store = await PostgresStore.open(
+            url, pool_size=3, connect_timeout=1, request_timeout=0.5, application_name="credit-scoring-test"
+        )
+        assert store._commits is not None and store._commits.size == 1
+        try:
+            await store.migrate()
+            await asyncio.to_thread(store._commits.pool.wait, 5.0)
+            proxy.freeze()
+            started = time.monotonic()
+            # The first runs alone on the asynchronous pool; the other three queue and go as one group, on the thread.
+            failed = await asyncio.gather(*(store.insert(r) for r in records(4)), return_exceptions=True)
+            assert all(isinstance(f, StoreUnavailable) for f in failed), failed
+            assert time.monotonic() - started < 1.5  # 2 x DATABASE_REQUEST_TIMEOUT, and no more
+            assert store._commits.pool.get_stats()["requests_num"] == 1
+            # The network is still frozen, and yet the thread is free again.
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.run_in_executor(store._commits._threads, time.monotonic), timeout=1.0)
+            proxy.restore()
+            restored = time.monotonic()
+            while True:
+                batch = records(4)
+                try:
+                    await asyncio.gather(*(store.insert(r) for r in batch))
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() - restored < 2.0
+                    await asyncio.sleep(0.02)
+            assert all([await store.get(r.decision.id) for r in batch])
+        finally:
+            closing = time.monotonic()
+            await store.close()
+            assert time.monotonic() - closing < 6.0
+
+    asyncio.run(run())

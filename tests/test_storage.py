@@ -100,6 +100,38 @@ async def test_concurrent_reads_each_get_their_own_decision(store: Store, credit
     assert loaded == [expected.get(i) for i in ids]
 
 
+async def test_postgres_groups_without_keys_commit_on_threads_and_keyed_ones_on_the_pool(
+    postgres_url: str, credit_model: ScorecardModel
+) -> None:
+    store = await PostgresStore.open(
+        postgres_url, pool_size=10, connect_timeout=3, request_timeout=3, application_name="credit-scoring-test"
+    )
+    try:
+        await store.migrate()
+        # The threads' connections come out of DATABASE_POOL_SIZE, which the connection budget counts.
+        assert store._commits is not None and (store._commits.size, store._pool.max_size, store.pool_size) == (4, 6, 10)
+        await asyncio.to_thread(store._commits.pool.wait, 5.0)
+        records = [make_record(credit_model, index) for index in range(40)]
+        assert await asyncio.gather(*(store.insert(r) for r in records)) == [None] * 40
+        threaded = store._commits.pool.get_stats()["requests_num"]
+        assert threaded >= 1
+        loaded = await asyncio.gather(*(store.get(r.decision.id) for r in records))
+        assert loaded == [r.decision for r in records]
+        # Keyed records may conflict and answer with the stored one: their groups stay on the asynchronous pool.
+        keyed = [make_record(credit_model, index, key=f"group-{uuid.uuid4()}") for index in range(20)]
+        assert await asyncio.gather(*(store.insert(r) for r in keyed)) == [None] * 20
+        again = await asyncio.gather(*(store.insert(r) for r in keyed))
+        assert [a.decision if a else None for a in again] == [r.decision for r in keyed]
+        assert store._commits.pool.get_stats()["requests_num"] == threaded
+    finally:
+        await store.close()
+    one = await PostgresStore.open(
+        postgres_url, pool_size=1, connect_timeout=3, request_timeout=3, application_name="credit-scoring-test"
+    )
+    await one.close()
+    assert one._commits is None and one.pool_size == 1
+
+
 async def test_store_get_unknown_is_none(store: Store) -> None:
     assert await store.get(uuid.uuid4()) is None
 
@@ -254,20 +286,24 @@ async def _flushed(cache: Cache) -> None:
         await flusher
 
 
-@pytest.mark.parametrize("kind", ["single", "batch"])
+@pytest.mark.parametrize("kind", ["single", "batch", "group"])
 async def test_a_decision_that_waited_too_long_to_be_written_is_refused(
     store: Store, credit_model: ScorecardModel, kind: str
 ) -> None:
     """Its time is taken before it queues: written late, it could land under a search page already served."""
     applicant = dataset.load().applicants[2]
     made = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
-    record = Record(credit_model.decide(applicant, uuid.uuid4(), made), applicant)
+    late = [Record(credit_model.decide(applicant, uuid.uuid4(), made), applicant) for _ in range(4)]
+    record = late[0]
     with pytest.raises(StoreUnavailable, match="waited"):
         if kind == "single":
             await store.insert(record)
-        else:
+        elif kind == "batch":
             await store.insert_many([record])
+        else:  # the first alone, the rest as one group (on PostgreSQL, on a commit thread)
+            await asyncio.gather(*(store.insert(r) for r in late))
     assert await store.get(record.decision.id) is None
+    assert [await store.get(r.decision.id) for r in late[1:]] == [None] * 3
 
 
 async def test_memory_cache_expires_and_evicts() -> None:
