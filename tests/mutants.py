@@ -126,6 +126,11 @@ MUTANTS = (
         ("tests/test_storage.py",),
     ),
     Mutant(
+        "every group commits on a thread, however well the loop keeps up",
+        (Edit("service/storage/postgres.py", "_waited(records) > SLOW_LOOP", "True"),),
+        ("tests/test_storage.py",),
+    ),
+    Mutant(
         "an idempotency key reused with another body replays the first answer",
         (Edit("service/routes/decisions.py", "if existing.request_hash != request_hash:", "if False:", count=2),),
         ("tests/test_decisions.py",),

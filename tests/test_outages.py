@@ -219,9 +219,10 @@ def test_a_group_commit_thread_on_a_frozen_database_is_cut_at_its_deadline(
 
     from service import dataset
     from service.errors import StoreUnavailable
-    from service.storage import PostgresStore, Record, postgres_threads
+    from service.storage import PostgresStore, Record, postgres, postgres_threads
     from tests.conftest import shipped_model
 
+    monkeypatch.setattr(postgres, "SLOW_LOOP", 0.0)  # every group without keys on a thread
     if checked:
         monkeypatch.setattr(postgres_threads, "CHECK_IF_IDLE_SECONDS", -1.0)
     proxy, url = proxied

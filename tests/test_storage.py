@@ -17,7 +17,7 @@ from service.cache import Cache, MemoryCache, RedisCache
 from service.errors import StoreUnavailable
 from service.models.registry import ScorecardModel
 from service.schemas import Decision, encoder
-from service.storage import PostgresStore, Record, SQLiteStore, Store, schema
+from service.storage import PostgresStore, Record, SQLiteStore, Store, postgres, schema
 from tests.conftest import redis_prefix, shipped_model
 
 pytestmark = pytest.mark.anyio
@@ -100,8 +100,8 @@ async def test_concurrent_reads_each_get_their_own_decision(store: Store, credit
     assert loaded == [expected.get(i) for i in ids]
 
 
-async def test_postgres_groups_without_keys_commit_on_threads_and_keyed_ones_on_the_pool(
-    postgres_url: str, credit_model: ScorecardModel
+async def test_postgres_groups_without_keys_commit_on_threads_when_the_loop_is_slow_and_keyed_ones_on_the_pool(
+    postgres_url: str, credit_model: ScorecardModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = await PostgresStore.open(
         postgres_url, pool_size=10, connect_timeout=3, request_timeout=3, application_name="credit-scoring-test"
@@ -111,8 +111,15 @@ async def test_postgres_groups_without_keys_commit_on_threads_and_keyed_ones_on_
         # The threads' connections come out of DATABASE_POOL_SIZE, which the connection budget counts.
         assert store._commits is not None and (store._commits.size, store._pool.max_size, store.pool_size) == (4, 6, 10)
         await asyncio.to_thread(store._commits.pool.wait, 5.0)
+        # Groups that did not wait long (a loop that keeps up) stay on the asynchronous pool.
+        monkeypatch.setattr(postgres, "SLOW_LOOP", 60.0)
         records = [make_record(credit_model, index) for index in range(40)]
         assert await asyncio.gather(*(store.insert(r) for r in records)) == [None] * 40
+        assert store._commits.pool.get_stats().get("requests_num", 0) == 0
+        # Groups that waited longer go to the threads.
+        monkeypatch.setattr(postgres, "SLOW_LOOP", 0.0)
+        records += [make_record(credit_model, index) for index in range(40)]
+        assert await asyncio.gather(*(store.insert(r) for r in records[40:])) == [None] * 40
         threaded = store._commits.pool.get_stats()["requests_num"]
         assert threaded >= 1
         loaded = await asyncio.gather(*(store.get(r.decision.id) for r in records))
@@ -290,7 +297,9 @@ async def _flushed(cache: Cache) -> None:
 async def test_a_decision_that_waited_too_long_to_be_written_is_refused(
     store: Store, credit_model: ScorecardModel, kind: str
 ) -> None:
-    """Its time is taken before it queues: written late, it could land under a search page already served."""
+    """Its time is taken before it queues: written late, it could land under a search page already served.
+
+    A late group waited long, so on PostgreSQL it goes to a commit thread, which refuses it too."""
     applicant = dataset.load().applicants[2]
     made = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
     late = [Record(credit_model.decide(applicant, uuid.uuid4(), made), applicant) for _ in range(4)]

@@ -5,7 +5,9 @@ refuses every client that sent again), and an asynchronous group commit needs
 several passes: its task, the COPY's two round trips, the hand-back. Run on a
 thread, the whole commit is one hand-over and one answer, whatever the loop is
 doing meanwhile (1,000 connections: the admitted requests' p99 fell by about a
-third; docs/performance.md).
+quarter; docs/performance.md). The store sends a group here only when the loop is
+slow (postgres.py, SLOW_LOOP): on a loop that keeps up, the thread's waits for
+the interpreter lock cost more than the passes they save.
 
 The threads use a blocking psycopg_pool beside the store's asynchronous pool,
 its connections taken out of the same DATABASE_POOL_SIZE, opened with the same
