@@ -267,3 +267,45 @@ def test_a_group_commit_thread_on_a_frozen_database_is_cut_at_its_deadline(
             assert time.monotonic() - closing < 6.0
 
     asyncio.run(run())
+
+
+def test_closing_the_store_with_a_group_stuck_on_a_frozen_database_answers_it_503(
+    proxied: tuple[TcpProxy, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown cuts a commit thread before the call's own bound (here while the pool checks the connection it is
+    about to lend): the group's requests get their 503 then, rather than waiting on a worker that is gone."""
+    import asyncio
+    import datetime as dt
+    import uuid
+
+    from service import dataset
+    from service.errors import StoreUnavailable
+    from service.storage import PostgresStore, Record, postgres, postgres_threads
+    from tests.conftest import shipped_model
+
+    monkeypatch.setattr(postgres, "SLOW_LOOP", 0.0)
+    monkeypatch.setattr(postgres_threads, "CHECK_IF_IDLE_SECONDS", -1.0)
+    proxy, url = proxied
+    model, applicant = shipped_model(), dataset.load().applicants[3]
+
+    async def run() -> list[object]:
+        store = await PostgresStore.open(
+            url, pool_size=3, connect_timeout=1, request_timeout=2.0, application_name="credit-scoring-test"
+        )
+        await store.migrate()
+        assert store._commits is not None
+        await asyncio.to_thread(store._commits.pool.wait, 5.0)
+        proxy.freeze()
+        records = [Record(model.decide(applicant, uuid.uuid4(), dt.datetime.now(dt.UTC)), applicant) for _ in range(4)]
+        inserts = asyncio.gather(*(store.insert(r) for r in records), return_exceptions=True)
+        await asyncio.sleep(0.3)
+        assert store._commits._calls  # the group is on its thread, stuck in the check
+        started = time.monotonic()
+        await store.close()
+        # The inline one (asynchronous pool) waits for its own bound of 4 s; the group answers when it is cut.
+        answers = await asyncio.wait_for(inserts, timeout=6.0)
+        assert time.monotonic() - started < 5.0
+        return answers
+
+    answers = asyncio.run(run())
+    assert all(isinstance(a, StoreUnavailable) for a in answers), answers

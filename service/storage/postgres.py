@@ -246,11 +246,11 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
         threads = min(MAX_COMMITTERS, pool_size // 2)
         pool = psycopg_pool.AsyncConnectionPool(
             url,
-            # A fixed size, every connection opened at start-up: a pool that grows on demand can try to grow
-            # while the database is frozen, and psycopg_pool then waits 1, 2, 4 s... between attempts, so once
-            # the database answered again requests found no connection for seconds (back after 2.5-5.5 s in 3
-            # of 9 frozen outages measured; 0.39-0.41 s in 12 of 12 with a fixed size).
-            min_size=pool_size - threads,
+            # Opened with one connection, then held at a fixed size (below): a pool that grows on demand can
+            # try to grow while the database is frozen, and psycopg_pool then waits 1, 2, 4 s... between
+            # attempts, so once the database answered again requests found no connection for seconds (back
+            # after 2.5-5.5 s in 3 of 9 frozen outages measured; 0.39-0.41 s in 12 of 12 with a fixed size).
+            min_size=1,
             max_size=pool_size - threads,
             open=False,
             timeout=request_timeout,
@@ -269,6 +269,9 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
                     f"PostgreSQL at {mask_url(url)} did not accept a connection within {connect_timeout:g} s."
                 ) from None
             raise
+        # The rest fill in the background: start-up does not wait for every connection, so a budget that does not
+        # fit fails at its own step with its own message rather than here as a connection timeout.
+        await pool.resize(pool.max_size, pool.max_size)
         commits = CommitThreads(url, kwargs, threads, _PG_COPY, _PG_COPY_TYPES) if threads else None
         if commits is not None:
             commits.open()

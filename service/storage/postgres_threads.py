@@ -100,9 +100,14 @@ class _Call:
         """Shut the connection's socket down: a blocked libpq call sees the end of the stream and returns."""
         with self.lock:
             self.cut = True
-            if self.conn is not None and not self.conn.closed:
-                with socket.socket(fileno=os.dup(self.conn.pgconn.socket)) as sock, contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)  # OSError: the peer has closed it already
+            if self.conn is None or self.conn.closed:
+                return
+            # OSError: the peer has closed it already; psycopg.Error: libpq has dropped the socket meanwhile.
+            with (
+                contextlib.suppress(OSError, psycopg.Error),
+                socket.socket(fileno=os.dup(self.conn.pgconn.socket)) as sock,
+            ):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class CommitThreads:
@@ -142,8 +147,13 @@ class CommitThreads:
         try:
             async with asyncio.timeout(seconds):
                 await job
+        except _Cut:  # close() cut it: a 503 like any call past its bound
+            raise TimeoutError from None
         except (TimeoutError, asyncio.CancelledError):
             call.give_up()
+            task = asyncio.current_task()
+            if job.cancelled() and task is not None and not task.cancelling():
+                raise TimeoutError from None  # close() dropped it from the queue; its caller was not cancelled
             raise
         finally:
             self._calls.discard(call)
@@ -161,6 +171,8 @@ class CommitThreads:
                 _last_used[conn] = time.monotonic()
             finally:
                 call.end()
+                if call.cut:  # its socket may be shut down after the COPY: the pool must not lend it again
+                    conn.close()
 
     async def check(self) -> None:
         """Check every idle connection, replacing the broken ones.
