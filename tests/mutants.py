@@ -127,7 +127,7 @@ MUTANTS = (
     ),
     Mutant(
         "every group commits on a thread, however well the loop keeps up",
-        (Edit("service/storage/postgres.py", "_waited(records) > SLOW_LOOP", "True"),),
+        (Edit("service/storage/postgres.py", "waited(records) > SLOW_LOOP", "True"),),
         ("tests/test_storage.py",),
     ),
     Mutant(

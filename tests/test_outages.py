@@ -219,12 +219,21 @@ def test_a_group_commit_thread_on_a_frozen_database_is_cut_at_its_deadline(
 
     from service import dataset
     from service.errors import StoreUnavailable
-    from service.storage import PostgresStore, Record, postgres, postgres_threads
+    from service.storage import PostgresStore, Record, outage, postgres
     from tests.conftest import shipped_model
 
     monkeypatch.setattr(postgres, "SLOW_LOOP", 0.0)  # every group without keys on a thread
+    checks: list[object] = []
     if checked:
-        monkeypatch.setattr(postgres_threads, "CHECK_IF_IDLE_SECONDS", -1.0)
+        import psycopg_pool
+
+        monkeypatch.setattr(outage, "CHECK_IF_IDLE_SECONDS", -1.0)
+        real_check = psycopg_pool.ConnectionPool.check_connection
+        monkeypatch.setattr(
+            psycopg_pool.ConnectionPool,
+            "check_connection",
+            staticmethod(lambda conn: checks.append(conn) or real_check(conn)),
+        )
     proxy, url = proxied
     model, applicant = shipped_model(), dataset.load().applicants[3]
 
@@ -247,6 +256,7 @@ def test_a_group_commit_thread_on_a_frozen_database_is_cut_at_its_deadline(
             assert all(isinstance(f, StoreUnavailable) for f in failed), failed
             assert time.monotonic() - started < 1.5  # 2 x DATABASE_REQUEST_TIMEOUT, and no more
             assert store._commits.pool.get_stats()["requests_num"] == 1
+            assert bool(checks) == checked  # stuck in the check of the connection, or in the COPY
             # The network is still frozen, and yet the thread is free again.
             loop = asyncio.get_running_loop()
             await asyncio.wait_for(loop.run_in_executor(store._commits._threads, time.monotonic), timeout=1.0)
@@ -280,11 +290,11 @@ def test_closing_the_store_with_a_group_stuck_on_a_frozen_database_answers_it_50
 
     from service import dataset
     from service.errors import StoreUnavailable
-    from service.storage import PostgresStore, Record, postgres, postgres_threads
+    from service.storage import PostgresStore, Record, outage, postgres
     from tests.conftest import shipped_model
 
     monkeypatch.setattr(postgres, "SLOW_LOOP", 0.0)
-    monkeypatch.setattr(postgres_threads, "CHECK_IF_IDLE_SECONDS", -1.0)
+    monkeypatch.setattr(outage, "CHECK_IF_IDLE_SECONDS", -1.0)
     proxy, url = proxied
     model, applicant = shipped_model(), dataset.load().applicants[3]
 

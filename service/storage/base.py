@@ -108,12 +108,16 @@ def refuse_late(records: Sequence[Record], waited_at_most: float) -> None:
     queued; without this, one that waited behind a slow call could commit with a time the search
     has already passed.
     """
-    made = min(record.decision.created_at for record in records)
-    waited = (dt.datetime.now(dt.UTC) - made).total_seconds()
-    if waited > waited_at_most:
+    seconds = waited(records)
+    if seconds > waited_at_most:
         raise StoreUnavailable(
-            f"The decision waited {waited:.1f} s to be written (more than {waited_at_most:g} s); it was not recorded."
+            f"The decision waited {seconds:.1f} s to be written (more than {waited_at_most:g} s); it was not recorded."
         )
+
+
+def waited(records: Sequence[Record]) -> float:
+    """Seconds since the oldest of the records was decided."""
+    return (dt.datetime.now(dt.UTC) - min(record.decision.created_at for record in records)).total_seconds()
 
 
 class Store(Protocol):

@@ -14,7 +14,9 @@ import asyncio
 import contextvars
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from service import metrics
 from service.errors import StoreUnavailable
@@ -24,6 +26,22 @@ logger = logging.getLogger("service.storage")
 
 PROBE_EVERY = 0.5
 PROBE_TIMEOUT = 1.0
+
+# A pooled connection used this recently is taken as alive; one idle longer (a restart may have cut it) is checked
+# with an empty query before it is lent. Checking every connection cost a round trip per group. Both of the
+# PostgreSQL store's pools (asynchronous, and the commit threads' blocking one) follow this one rule.
+CHECK_IF_IDLE_SECONDS = 2.0
+_last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+def mark_used(conn: Any) -> None:
+    _last_used[conn] = time.monotonic()
+
+
+def idle_too_long(conn: Any) -> bool:
+    """Whether the connection must be checked before it is lent: never marked used, or not for a while."""
+    last = _last_used.get(conn)
+    return last is None or time.monotonic() - last > CHECK_IF_IDLE_SECONDS
 
 
 class Outage:

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import functools
-import time
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -38,8 +35,9 @@ from service.storage.base import (
     _existing_batch,
     _row,
     refuse_late,
+    waited,
 )
-from service.storage.outage import Outage
+from service.storage.outage import Outage, idle_too_long, mark_used
 from service.storage.postgres_audit import PostgresAudit
 from service.storage.postgres_models import PostgresModelRecords
 from service.storage.postgres_monitoring import PostgresMonitoring
@@ -83,11 +81,6 @@ MAX_READERS = 4
 # throughput (the threads wait for the interpreter lock the busy loop holds). Waits measured, p10/p50/p90 ms:
 # saturated 0.1/2.1/3.0, 1,000 req/s 0.1/0.2/0.4, 1,000 connections 3.2/10.6/20.6.
 SLOW_LOOP = 0.005
-
-
-def _waited(records: Sequence[Record]) -> float:
-    """Seconds since the oldest of the records was decided."""
-    return (dt.datetime.now(dt.UTC) - min(record.decision.created_at for record in records)).total_seconds()
 
 
 def _own_exception(exc: Exception) -> Exception:
@@ -166,15 +159,8 @@ async def _insert_one(conn: psycopg.AsyncConnection[Any], record: Record) -> Exi
     return _decision(row)
 
 
-# A connection used this recently is taken as alive; one idle longer (a restart may have cut it) is checked with an
-# empty query before it is lent. Checking every connection cost a round trip per group.
-CHECK_IF_IDLE_SECONDS = 2.0
-_last_used: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = weakref.WeakKeyDictionary()
-
-
 async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
-    last = _last_used.get(conn)
-    if last is None or time.monotonic() - last > CHECK_IF_IDLE_SECONDS:
+    if idle_too_long(conn):
         await psycopg_pool.AsyncConnectionPool.check_connection(conn)
 
 
@@ -332,7 +318,7 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
         conn = await self._pool.getconn(timeout=self._request_timeout)
         try:
             result = await action(conn)
-            _last_used[conn] = time.monotonic()
+            mark_used(conn)
             return result
         finally:
             await self._pool.putconn(conn)
@@ -373,8 +359,14 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
         return await self._inserts.submit(record)
 
     async def _insert_group(self, records: list[Record]) -> list[Existing | None]:
-        commits, keyless = self._commits, all(r.idempotency_key is None for r in records)
-        if commits is not None and len(records) > 1 and keyless and _waited(records) > SLOW_LOOP and commits.ready():
+        commits = self._commits
+        if (
+            commits is not None
+            and len(records) > 1
+            and all(r.idempotency_key is None for r in records)
+            and waited(records) > SLOW_LOOP
+            and commits.ready()
+        ):
             # Nothing can conflict, so nothing to answer but "committed", and the loop is slow: commit on a thread.
             # The asynchronous path below takes it instead while the threads' pool has no free connection.
             self._outage.check()

@@ -24,8 +24,6 @@ import contextlib
 import os
 import socket
 import threading
-import time
-import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,21 +32,14 @@ import psycopg
 import psycopg_pool
 
 from service.storage.base import Record, _row, refuse_late
+from service.storage.outage import idle_too_long, mark_used
 
-# A connection used (or opened) this recently is taken as alive; one idle longer is checked before it is lent.
-CHECK_IF_IDLE_SECONDS = 2.0
-_last_used: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = weakref.WeakKeyDictionary()
 # The call each commit thread is running: the pool checks a connection on that thread, before lending it.
 _running = threading.local()
 
 
-def _opened(conn: psycopg.Connection[Any]) -> None:
-    _last_used[conn] = time.monotonic()
-
-
 def _check_if_idle(conn: psycopg.Connection[Any]) -> None:
-    last = _last_used.get(conn)
-    if last is not None and time.monotonic() - last <= CHECK_IF_IDLE_SECONDS:
+    if not idle_too_long(conn):
         return
     call: _Call | None = getattr(_running, "call", None)
     if call is None:  # pragma: no cover - the pool checks only when lending, on the commit threads
@@ -121,7 +112,7 @@ class CommitThreads:
             max_size=size,
             open=False,
             check=_check_if_idle,
-            configure=_opened,
+            configure=mark_used,  # just opened: no need to check it
             kwargs=kwargs,
             name="commits",
         )
@@ -168,7 +159,7 @@ class CommitThreads:
                     copy.set_types(self._types)
                     for record in records:
                         copy.write_row(_row(record, "postgres"))
-                _last_used[conn] = time.monotonic()
+                mark_used(conn)
             finally:
                 call.end()
                 if call.cut:  # its socket may be shut down after the COPY: the pool must not lend it again
