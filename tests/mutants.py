@@ -222,7 +222,7 @@ MUTANTS = (
         (
             Edit(
                 "service/tasks.py",
-                "        async with asyncio.timeout(seconds):\n            return await answer\n",
+                "        return await answer\n",
                 "        return await asyncio.wait_for(asyncio.shield(task), seconds)\n",
             ),
         ),
