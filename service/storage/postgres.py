@@ -11,10 +11,9 @@ phase can start at once. Rows and the schema come from base.py and schema.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -100,12 +99,12 @@ async def _insert_group(
 ) -> list[Existing | None]:
     """Insert the records in one transaction; for each, None, or the record already under its key."""
     refuse_late(records, late)
-    keyed = [i for i, r in enumerate(records) if r.idempotency_key is not None]
-    outcomes: list[Existing | None] = [None] * len(records)
     if len(records) == 1:
         # A request that did not have to wait for others (the common case below
         # saturation): one INSERT, one round trip, autocommitted.
         return [await _insert_one(conn, records[0])]
+    keyed = [i for i, r in enumerate(records) if r.idempotency_key is not None]
+    outcomes: list[Existing | None] = [None] * len(records)
     if not keyed:
         # The common case under load: one COPY, which on an autocommit connection is
         # its own transaction (all rows or none) without BEGIN and COMMIT round trips.
@@ -162,6 +161,32 @@ async def _insert_one(conn: psycopg.AsyncConnection[Any], record: Record) -> Exi
 async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
     if idle_too_long(conn):
         await psycopg_pool.AsyncConnectionPool.check_connection(conn)
+
+
+class _Failures:
+    """What PostgresStore._failures gives: a class, not a @contextmanager, whose generator costs more on every
+    call to the database (1.02 against 0.25 µs warm, 30.7 against 20.2 µs alone after a 10 ms sleep)."""
+
+    __slots__ = ("_outage", "_outage_on_timeout")
+
+    def __init__(self, outage: Outage, outage_on_timeout: bool) -> None:
+        self._outage = outage
+        self._outage_on_timeout = outage_on_timeout
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: object) -> None:
+        if kind is None or not issubclass(kind, (TimeoutError, psycopg.Error)) or issubclass(kind, _PG_BUGS):
+            return  # success, our own bugs, cancellation: as they are
+        metrics.count(metrics.store_errors)
+        if issubclass(kind, TimeoutError):
+            if self._outage_on_timeout:
+                self._outage.began("it did not answer in time")
+            raise StoreUnavailable("The system of record did not answer in time.") from None
+        # Connection lost, read-only after failover, admin shutdown...
+        self._outage.began(kind.__name__)
+        raise StoreUnavailable(f"The system of record is unavailable: {kind.__name__}.") from exc
 
 
 class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
@@ -276,22 +301,9 @@ class PostgresStore(PostgresModelRecords, PostgresMonitoring, PostgresAudit):
         with self._failures(outage_on_timeout=limit is None):  # a request's bound, not an analyst's long query
             return await within(limit or self._request_timeout * 2, self._on_connection(action))
 
-    @contextlib.contextmanager
-    def _failures(self, *, outage_on_timeout: bool = True) -> Iterator[None]:
+    def _failures(self, *, outage_on_timeout: bool = True) -> _Failures:
         """A database failure as a 503 (StoreUnavailable) that starts an outage; our own bugs as they are."""
-        try:
-            yield
-        except TimeoutError:
-            metrics.count(metrics.store_errors)
-            if outage_on_timeout:
-                self._outage.began("it did not answer in time")
-            raise StoreUnavailable("The system of record did not answer in time.") from None
-        except _PG_BUGS:
-            raise
-        except psycopg.Error as exc:  # connection lost, read-only after failover, admin shutdown...
-            metrics.count(metrics.store_errors)
-            self._outage.began(type(exc).__name__)
-            raise StoreUnavailable(f"The system of record is unavailable: {type(exc).__name__}.") from exc
+        return _Failures(self._outage, outage_on_timeout)
 
     async def _probe(self) -> None:
         """Whether the database is back: a connection of the probe's own says the database can record, then every
