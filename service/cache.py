@@ -73,7 +73,8 @@ class Cache(Protocol):
 
     async def get(self, decision_id: uuid.UUID) -> bytes | None: ...
 
-    async def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None: ...
+    def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None:
+        """Store the entries, or queue them for a writer: returns at once, never waits."""
 
     async def delete(self, ids: Sequence[uuid.UUID]) -> bool: ...
 
@@ -216,7 +217,7 @@ class RedisCache:
         # No decode_responses: the values are bytes.
         return cast(list[bytes | None], values) if values is not None else [None] * len(ids)
 
-    async def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None:
+    def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None:
         """Queue the entries and return at once; the flusher writes them in one pipeline."""
         if not self._breaker.would_admit():  # Redis is down and no probe is due: drop
             return
@@ -302,7 +303,7 @@ class MemoryCache:
         metrics.count(metrics.cache_hits)
         return entry[1]
 
-    async def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None:
+    def set_many(self, items: Sequence[tuple[uuid.UUID, bytes]]) -> None:
         now = time.monotonic()
         expires = now + self._ttl
         for decision_id, payload in items:

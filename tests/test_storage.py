@@ -257,14 +257,14 @@ def test_migrations_are_append_only_and_numbered() -> None:
 async def test_cache_returns_what_was_set(cache: Cache) -> None:
     decision_id = uuid.uuid4()
     assert await cache.get(decision_id) is None
-    await cache.set_many([(decision_id, b'{"id": 1}')])
+    cache.set_many([(decision_id, b'{"id": 1}')])
     assert await cache.get(decision_id) == b'{"id": 1}'
     assert cache.hits == 1 and cache.misses == 1
 
 
 async def test_cache_set_many_stores_each(cache: Cache) -> None:
     items = [(uuid.uuid4(), f"payload-{i}".encode()) for i in range(20)]
-    await cache.set_many(items)
+    cache.set_many(items)
     for decision_id, payload in items:
         assert await cache.get(decision_id) == payload
 
@@ -276,11 +276,11 @@ async def test_cache_ping_answers(cache: Cache) -> None:
 async def test_an_erased_decision_is_not_cached_again_by_a_write_that_raced_its_erasure(cache: Cache) -> None:
     """A GET that read the row just before the erasure writes its copy just after: the marker refuses it."""
     erased, other = uuid.uuid4(), uuid.uuid4()
-    await cache.set_many([(erased, b"with the reference")])
+    cache.set_many([(erased, b"with the reference")])
     await _flushed(cache)
     assert await cache.delete([erased])
     assert await cache.get(erased) is None
-    await cache.set_many([(erased, b"read before the erasure"), (other, b"another decision")])
+    cache.set_many([(erased, b"read before the erasure"), (other, b"another decision")])
     await _flushed(cache)
     assert await cache.get(erased) is None
     assert await cache.get(other) == b"another decision"
@@ -324,11 +324,11 @@ async def test_a_decision_that_waited_too_long_to_be_written_is_refused(
 async def test_memory_cache_expires_and_evicts() -> None:
     cache = MemoryCache(ttl=60, max_entries=3)
     ids = [uuid.uuid4() for _ in range(4)]
-    await cache.set_many([(i, b"x") for i in ids])
+    cache.set_many([(i, b"x") for i in ids])
     assert await cache.get(ids[0]) is None  # least recently used, evicted
     assert await cache.get(ids[3]) == b"x"
     expired = MemoryCache(ttl=0)
-    await expired.set_many([(ids[0], b"x")])
+    expired.set_many([(ids[0], b"x")])
     assert await expired.get(ids[0]) is None
 
 
@@ -341,7 +341,7 @@ async def test_redis_cache_down_is_skipped_then_probed(caplog: pytest.LogCapture
         # Backing off: the next calls do not touch the dead server at all.
         for _ in range(5):
             assert await cache.get(decision_id) is None
-            await cache.set_many([(decision_id, b"x")])
+            cache.set_many([(decision_id, b"x")])
         assert cache.errors == 1
         warnings = [r for r in caplog.records if "Redis cache unavailable" in r.getMessage()]
         assert len(warnings) == 1
@@ -375,7 +375,7 @@ async def _written(cache: Cache) -> None:
 async def test_concurrent_cache_reads_each_get_their_own_answer(cache: Cache) -> None:
     """Reads that share a round trip (MGET, for Redis) still each get their own value, or None."""
     stored = [(uuid.uuid4(), f"payload-{i}".encode()) for i in range(50)]
-    await cache.set_many(stored)
+    cache.set_many(stored)
     await _written(cache)  # reads must really go to Redis
     missing = [uuid.uuid4() for _ in range(10)]
     ids = [decision_id for decision_id, _ in stored] + missing + [stored[0][0]] * 5  # repeats, too
@@ -389,7 +389,7 @@ async def test_a_cancelled_redis_read_leaves_the_others_answered(redis_url: str)
     cache = RedisCache(redis_url, timeout=1, prefix=redis_prefix(), ttl=60, client_name="credit-scoring-test-cache")
     try:
         stored = [(uuid.uuid4(), f"payload-{i}".encode()) for i in range(5)]
-        await cache.set_many(stored)
+        cache.set_many(stored)
         await _written(cache)
         reads = [asyncio.ensure_future(cache.get(i)) for i, _ in stored]
         await asyncio.sleep(0)  # all five are waiting on one MGET

@@ -11,6 +11,7 @@ worker's model set once, when it starts, and finishes on it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
@@ -119,12 +120,22 @@ async def create_decision(request: Request) -> Response:
             return json_response(
                 encoder.encode(existing.decision), 200, {"Location": f"/decisions/{existing.decision.id}"}
             )
-    # The row is committed: only now may we answer 201.
+    # The row is committed: only now may we answer 201. The rest does not make the answer.
+    payload = encoder.encode(decision)
+    asyncio.get_running_loop().call_soon(_after_answer, request, models, decision, applicant, payload)
+    return json_response(payload, 201, {"Location": f"/decisions/{decision.id}"})
+
+
+def _after_answer(request: Request, models: ModelSet, decision: Decision, applicant: Applicant, payload: bytes) -> None:
+    """A new decision's counts, its challenger sample and its cache entry, once its answer is on its way.
+
+    Run by the loop right after the request's step, which writes the answer (sent in the same step unless the
+    client stopped reading): none of it waits or raises, but at one request every 10 ms it cost ~35 µs
+    before the answer.
+    """
     _count(decision)
     _shadow(request, models, (decision,), (applicant,))
-    payload = encoder.encode(decision)
-    await state.cache.set_many([(decision.id, payload)])
-    return json_response(payload, 201, {"Location": f"/decisions/{decision.id}"})
+    request.app.state.cache.set_many([(decision.id, payload)])
 
 
 async def create_batch(request: Request) -> Response:
@@ -179,7 +190,7 @@ async def get_decision(request: Request) -> Response:
         if decision is None:
             raise NotFound(f"There is no decision with id {decision_id}.")
         payload = encoder.encode(decision)
-        await state.cache.set_many([(decision_id, payload)])
+        state.cache.set_many([(decision_id, payload)])
     return json_response(payload)
 
 
