@@ -95,7 +95,7 @@ class RequestContext:
             if key is not None:
                 metrics.count(metrics.requests_by_key, key, template, str(status or 500))
             access_logger.info(
-                "%s %s %d %.1f ms%s",
+                "%s %s %d %.2f ms%s",
                 scope["method"],
                 # The path as sent, still percent-encoded: a decoded %0a would forge a log line.
                 scope.get("raw_path", b"").decode("ascii", "backslashreplace") or scope["path"],
