@@ -276,16 +276,6 @@ MUTANTS = (
         ),
         ("tests/test_admission.py",),
     ),
-    Mutant(
-        "the kept connection is used however long it idled (a restart may have cut it)",
-        (Edit("service/storage/postgres_lending.py", "if conn is not None and idle_too_long(conn):", "if False:"),),
-        ("tests/test_postgres_lending.py",),
-    ),
-    Mutant(
-        "a connection is kept while calls wait for the pool (they starve until their timeout)",
-        (Edit("service/storage/postgres_lending.py", "            and not self._borrowing\n", ""),),
-        ("tests/test_postgres_lending.py",),
-    ),
 )
 
 
