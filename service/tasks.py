@@ -47,6 +47,8 @@ async def within(seconds: float, call: Awaitable[T]) -> T:
         return await answer
     except (TimeoutError, asyncio.CancelledError):
         abandon(task)
+        if answer.done() and not answer.cancelled():
+            answer.exception()  # the deadline's, if the caller was cancelled in the same pass: not an error to log
         raise
     finally:
         deadline.cancel()

@@ -44,6 +44,30 @@ def test_create_decision_commits_and_returns_201(client: TestClient, settings: S
     assert count_rows(settings, "id = %s", (body["id"],)) == 1
 
 
+def test_a_failure_after_the_answer_is_logged_and_the_decision_stands(
+    client: TestClient,
+    settings: Settings,
+    applicant: dict,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counting, the challenger's sample and the cache run after the answer: a bug there cannot change it."""
+    from service.routes import decisions
+
+    def broken(decision: Any) -> None:
+        raise RuntimeError("a bug in the counting")
+
+    monkeypatch.setattr(decisions, "_count", broken)
+    caplog.set_level(logging.ERROR, logger="service.errors")
+    response = client.post("/decisions", json=applicant)
+    assert response.status_code == 201, response.text
+    decision_id = response.json()["id"]
+    assert count_rows(settings, "id = %s", (decision_id,)) == 1
+    assert wait_until(lambda: any("after answering POST /decisions" in r.getMessage() for r in caplog.records))
+    [logged] = [r for r in caplog.records if "after answering POST /decisions" in r.getMessage()]
+    assert decision_id in logged.getMessage() and logged.exc_info is not None
+
+
 def test_create_decision_follows_the_model_and_the_scorecard(client: TestClient, applicant: dict) -> None:
     body = client.post("/decisions", json=applicant).json()
     model = client.app.state.models.current.champion  # type: ignore[attr-defined]
