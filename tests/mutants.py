@@ -233,7 +233,7 @@ MUTANTS = (
         (
             Edit(
                 "service/tasks.py",
-                "        abandon(task)\n        raise\n",
+                "        abandon(task)\n",
                 "        task.cancel()\n        await task\n",
             ),
         ),
