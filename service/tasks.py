@@ -36,8 +36,8 @@ async def within(seconds: float, call: Awaitable[T]) -> T:
     through shield() and wait_for() takes three. At 1,000 decisions a second over 32
     connections that halved the client's p50 (6.4-8.7 ms -> 3.2-3.3 ms). The deadline is
     a timer that settles the same future, not asyncio.timeout(): that one also tracks the
-    task's cancellations, which costs every call at idle ~15 µs and is not needed here, as
-    the caller never waits on anything else.
+    task's cancellations, which the caller, waiting on nothing else, does not need (with
+    the store's failure mapping as a class, an idle call's hop to its task went 38 -> 21 µs).
     """
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[T] = loop.create_future()
