@@ -143,7 +143,7 @@ def _verdict(ok: bool) -> str:
 
 def _targets(
     figures: dict[tuple[str, str], tuple[float, float]],
-    beyond: dict[str, tuple[float, float]],
+    beyond: dict[str, tuple[float, float, float]],
     stopped: dict[str, Any],
     frozen: dict[str, Any],
     ok: dict[str, Any],
@@ -152,21 +152,21 @@ def _targets(
 ) -> list[str]:
     """Issue 11's targets as restated in docs/SPEC.md, judged against this run's own ceilings and floor."""
     idle, busy = LOADS[0][0], LOADS[2][0]
-    extra_inside, extra_client = beyond[idle]
+    extra_inside, extra_client, extra_committing = beyond[idle]
     p99, committing_p99 = figures[(busy, "service")][1], figures[(busy, "committing")][1]
-    bound_p99 = max(10.0, committing_p99)
+    bound_p99 = max(10.0, 1.25 * committing_p99)
     outage_p99 = max(stopped["p99_ms"], frozen["p99_ms"])
     back = max(stopped["back_s"], frozen["back_s"])
     storm_ok = (ok.get("p99_ms") or 0) <= 250 and (refused.get("p99_ms") or 0) <= 50 and lost == 0
     return [
         "Targets (issue 11, as restated in docs/SPEC.md; each judged against this run's ceilings and floor):",
         "",
-        f"- idle, in-server p50 beyond the INSERT alone: {extra_inside:.2f} ms (≤ 0.5): "
-        f"{_verdict(extra_inside <= 0.5)}",
-        f"- idle, client p50 beyond the ceiling's and the INSERT alone's: {extra_client:.2f} ms (≤ 0.5): "
-        f"{_verdict(extra_client <= 0.5)}",
-        f"- 1,000 req/s, client p99: {p99:.2f} ms (≤ 10, or the committing ceiling's {committing_p99:.2f} ms where "
-        f"that is above 10: {bound_p99:.2f}; {p99 / committing_p99:.2f} of it): {_verdict(p99 <= bound_p99)}",
+        f"- idle, client p50 beyond the committing ceiling's: {extra_committing:.2f} ms (≤ 0.5): "
+        f"{_verdict(extra_committing <= 0.5)} (beyond the INSERT alone: in-server {extra_inside:.2f} ms, client"
+        f" {extra_client:.2f} ms beyond the decode-only ceiling's and the INSERT alone's)",
+        f"- 1,000 req/s, client p99: {p99:.2f} ms, {p99 / committing_p99:.2f} of the committing ceiling's"
+        f" {committing_p99:.2f} (≤ 10, or 1.25 times the committing ceiling's: {bound_p99:.2f}): "
+        f"{_verdict(p99 <= bound_p99)}",
         f"- outage, 503 p99: {outage_p99:.2f} ms (≤ 50), back after {back:.2f} s (≤ 2): "
         f"{_verdict(outage_p99 <= 50 and back <= 2)}",
         f"- 1,000 connections: 201 p99 {ok.get('p99_ms')} ms (≤ 250), 503 p99 {refused.get('p99_ms')} ms (≤ 50), "
@@ -204,8 +204,9 @@ def main() -> None:
     rows: list[str] = []
     # Medians by (load, target): client p50 and p99, and the service's in-server p50.
     figures: dict[tuple[str, str], tuple[float, float]] = {}
-    # The idle figures beyond the floor (in-server; client beyond the ceiling too), ms, medians of each run's.
-    beyond: dict[str, tuple[float, float]] = {}
+    # By load, ms, medians of each run's: in-server p50 beyond the floor's; client p50 beyond the decode-only ceiling's
+    # and the floor's; client p50 beyond the committing ceiling's.
+    beyond: dict[str, tuple[float, float, float]] = {}
     try:
         service.wait("/health/ready")
         ceiling.wait("/decisions")
@@ -231,13 +232,14 @@ def main() -> None:
                 statistics.median(f[0] for f in floors),
                 statistics.median(f[1] for f in floors),
             )
-            # Each run's service, ceiling and floor came minutes apart at most: the idle figures beyond the floor are
-            # taken run by run, then their median, so that the host's drift over the whole bench cancels out.
+            # Each run's service, ceilings and floor came minutes apart at most: the figures beyond them are taken run
+            # by run, then their median, so that the host's drift over the whole bench cancels out.
             beyond[name] = (
                 statistics.median(i[0] - f[0] for i, f in zip(inside, floors, strict=True)),
                 statistics.median(
                     s.p50_ms - c.p50_ms - f[0] for s, c, f in zip(got["service"], got["ceiling"], floors, strict=True)
                 ),
+                statistics.median(s.p50_ms - c.p50_ms for s, c in zip(got["service"], got["committing"], strict=True)),
             )
             for target, samples in got.items():
                 figures[(name, target)] = (
