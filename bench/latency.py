@@ -1,10 +1,10 @@
-"""`make bench` (third part): latency at a fixed offered load, an outage, and overload, against the ceiling.
+"""`make bench` (third part): latency at a fixed offered load, an outage, and overload, against the ceilings.
 
 wrk at saturation measures throughput; what a lender feels is latency at the load
-it actually sends. This starts the service (one worker, PostgreSQL, Redis) and two ceilings with the
-same uvicorn flags (bench/baseline.py: decode only, and decode, score and commit
-one INSERT per request on the service's table, as most services would), and
-measures, alternating between the three, 3 runs each (medians):
+it actually sends. This starts the service (one worker, PostgreSQL, Redis) and two
+ceilings with the same uvicorn flags (bench/baseline.py: decode only; and decode,
+score and commit one INSERT per request on the service's table, as most services
+would), and measures, alternating between the three, 3 runs each (medians):
 
 - idle: one connection, a request every 10 ms;
 - 500 and 1,000 requests a second offered over 32 connections (wrk, each
@@ -12,12 +12,12 @@ measures, alternating between the three, 3 runs each (medians):
 
 beside the floor the database itself sets at each load: the service's INSERT
 alone, paced the same way (bench/floor.py), in each run (the idle figures beyond
-it are the median of each run's own: the host drifts within a bench). Then, on the
-service alone, 1,000 connections posting as fast as they are answered (2xx and 503 apart); and, on
-a second start of the service whose PostgreSQL goes through a TCP proxy the script
-can cut (only there: the proxy's own hops would add to every latency above), an
-outage (503 latency after the first, and the time back once it answers again)
-for a stopped and for a frozen database. Prints the tables and writes them into
+it are the median of each run's own: the host drifts within a bench). Then, on
+the service alone, 1,000 connections posting as fast as they are answered (2xx
+and 503 apart); and, on a second start of the service whose PostgreSQL goes
+through a TCP proxy the script can cut (only there: the proxy's own hops would add
+to every latency above), an outage (503 latency after the first, and the time
+back once it answers again) for a stopped and for a frozen database. Prints the tables and writes them into
 bench/RESULTS.md.
 """
 
