@@ -2,8 +2,9 @@
 
 Starts the service from the Procfile's web: line against the local PostgreSQL
 and Redis (a database and key prefix of the bench's own), and a decode-only
-Starlette app (bench/baseline.py) with the same uvicorn flags as the ceiling.
-Each measurement is the median of 3 runs, alternating between targets so that
+Starlette app (bench/baseline.py) with the same uvicorn flags as the ceiling,
+and beside it the committing ceiling (the same plus scoring and one autocommitted
+INSERT per request): what group commits buy at saturation. Each measurement is the median of 3 runs, alternating between targets so that
 drift on the machine hits all of them alike. Prints the table and writes it,
 with the machine and the versions, to bench/RESULTS.md.
 
@@ -46,6 +47,8 @@ ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUNS = 3
 CONNECTIONS = (32, 64)
+# Decode, score and one autocommitted INSERT per request (bench/baseline.py): what committing each request costs.
+COMMITTING = "ceiling: committing POST"
 BATCH_SIZE = 100
 # The issue's latency target for POST /decisions at the highest connection count.
 P99_TARGET_MS = 15.0
@@ -303,6 +306,10 @@ def main() -> None:
             servers += [ceiling, service]
             ceiling.wait("/decisions")
             ready = service.wait("/health/ready")
+            # On the service's table, which the service has just created.
+            committing = Server(worker_env, "bench.baseline:committing_app", work / f"committing-{workers}.log")
+            servers.append(committing)
+            committing.wait("/decisions")
             ids = seed(service.url, applicants, 20_000)
             (work / "warm.txt").write_text("\n".join(ids[:5000]) + "\n")
             warm(service.url, ids[:5000])
@@ -314,6 +321,7 @@ def main() -> None:
             # Warm up every path once.
             for url, script in (
                 (ceiling.url, post),
+                (committing.url, post),
                 (service.url, post),
                 (service.url, get_warm),
                 (service.url, post_batch),
@@ -323,6 +331,7 @@ def main() -> None:
                 binary,
                 {
                     "ceiling: decode-only POST": (ceiling.url, post),
+                    COMMITTING: (committing.url, post),
                     "POST /decisions": (service.url, post),
                     "GET /decisions/{id}, cache warm": (service.url, get_warm),
                     "POST /decisions/batch (100)": (service.url, post_batch),
@@ -334,6 +343,7 @@ def main() -> None:
             results.update(cold)
             rss = service.rss_mib()
             ceiling.stop()
+            committing.stop()
             service.stop()
             tables.append(render(results, workers, ready, rss))
             print(tables[-1], flush=True)
@@ -373,7 +383,15 @@ def render(results: dict[tuple[str, int], Sample], workers: int, ready: float, r
             f"| {name} | {connections} | {sample.rps:,.0f} | {decisions:,.0f} | {sample.p50_ms:.2f} | "
             f"{sample.p99_ms:.2f} | {sample.non_2xx} | {ratio:.2f} |"
         )
-    rows += ["", f"Process start to ready: {ready:.2f} s. Worker RSS after load: {rss:.0f} MiB."]
+    against = ", ".join(
+        f"{results[('POST /decisions', c)].rps / results[(COMMITTING, c)].rps:.2f} times at {c} connections"
+        for c in CONNECTIONS
+    )
+    rows += [
+        "",
+        f"Process start to ready: {ready:.2f} s. Worker RSS after load: {rss:.0f} MiB. POST /decisions against the"
+        f" committing ceiling (one autocommitted INSERT per request, bench/baseline.py): {against}.",
+    ]
     # wrk keeps every connection busy, so mean latency = connections / throughput (Little's law):
     # a p99 target at N connections is out of reach below N / target requests per second.
     top = max(CONNECTIONS)
