@@ -4,8 +4,9 @@ Starts the service from the Procfile's web: line against the local PostgreSQL
 and Redis (a database and key prefix of the bench's own), and a decode-only
 Starlette app (bench/baseline.py) with the same uvicorn flags as the ceiling,
 and beside it the committing ceiling (the same plus scoring and one autocommitted
-INSERT per request): what group commits buy at saturation. Each measurement is the median of 3 runs, alternating between targets so that
-drift on the machine hits all of them alike. Prints the table and writes it,
+INSERT per request): what group commits buy at saturation. Each measurement is
+the median of 3 runs, alternating between targets so that drift on the machine
+hits all of them alike. Prints the table and writes it,
 with the machine and the versions, to bench/RESULTS.md.
 
 Options: --seconds per wrk run (default 5), --workers 1 2 (default: both).
