@@ -26,12 +26,19 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.lifecycle.runner import GC_YOUNG_THRESHOLD
-from service.models.registry import Registry, load_scorecard
+from service.models.registry import Registry, ScorecardModel, load_scorecard
 from service.schemas import Applicant, applicant_decoder, encoder
 from service.settings import DEFAULT_MODEL_DIR, Settings
 from service.storage import Record
 from service.storage.base import _row
 from service.storage.postgres import _PG_INSERT
+
+
+def shipped_scorecard() -> ScorecardModel:
+    """The newest logistic version shipped in the repository, loaded as the service loads it (the benches' model)."""
+    newest = Registry(DEFAULT_MODEL_DIR).newest()
+    assert newest is not None
+    return load_scorecard(newest, None)
 
 
 async def decide(request: Request) -> Response:
@@ -48,9 +55,7 @@ async def _committing(app: Starlette) -> AsyncIterator[None]:
     settings = Settings.from_env()
     if settings.database_url is None:
         raise RuntimeError("committing_app commits to DATABASE_URL, which is not set")
-    newest = Registry(DEFAULT_MODEL_DIR).newest()
-    assert newest is not None
-    app.state.model = load_scorecard(newest, None)
+    app.state.model = shipped_scorecard()
     size = settings.database_pool_size
     async with psycopg_pool.AsyncConnectionPool(
         settings.database_url, min_size=size, max_size=size, kwargs={"autocommit": True}, open=False

@@ -25,10 +25,10 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.baseline import shipped_scorecard  # noqa: E402
 from bench.run import ADMIN_URL  # noqa: E402
 from service import dataset  # noqa: E402
-from service.models.registry import Registry, ScorecardModel, load_scorecard  # noqa: E402
-from service.settings import DEFAULT_MODEL_DIR  # noqa: E402
+from service.models.registry import ScorecardModel  # noqa: E402
 from service.storage import PostgresStore, Record  # noqa: E402
 from service.storage.base import _row  # noqa: E402
 from service.storage.postgres import _PG_INSERT  # noqa: E402
@@ -53,9 +53,7 @@ async def _connection(url: str, rate: float, until: float, latencies: list[float
 
 async def insert_latencies(url: str, connections: int, total_rate: float) -> list[float]:
     """Each INSERT's latency in seconds, `connections` of them pacing `total_rate` rows a second in all."""
-    newest = Registry(DEFAULT_MODEL_DIR).newest()
-    assert newest is not None
-    model = load_scorecard(newest, None)
+    model = shipped_scorecard()
     latencies: list[float] = []
     until = time.perf_counter() + SECONDS
     await asyncio.gather(

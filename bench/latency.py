@@ -45,13 +45,12 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.baseline import shipped_scorecard  # noqa: E402
 from bench.floor import insert_latencies  # noqa: E402
 from bench.overload import Load as Overload  # noqa: E402
 from bench.results import replace_section  # noqa: E402
 from bench.run import ADMIN_URL, REDIS_URL, Sample, Server, ensure_wrk, flush_prefix, lua_post, work_directory, wrk  # noqa: E402
 from service import dataset  # noqa: E402
-from service.models.registry import Registry, load_scorecard  # noqa: E402
-from service.settings import DEFAULT_MODEL_DIR  # noqa: E402
 from tests.tcpproxy import TcpProxy  # noqa: E402
 
 RUNS = 3
@@ -119,9 +118,7 @@ def idle_penalty() -> tuple[float, float]:
     """Scoring one applicant in this process, µs p50: back to back, and each after a 10 ms sleep, as the idle
     load's requests come. Between requests the CPU runs other work or sleeps, and its caches go cold: the idle
     figures pay the second on all of the service's own work, and the ceiling on its own, smaller, share."""
-    newest = Registry(DEFAULT_MODEL_DIR).newest()
-    assert newest is not None
-    model = load_scorecard(newest, None)
+    model = shipped_scorecard()
     applicant, now, decision_id = dataset.load().applicants[1], dt.datetime.now(dt.UTC), uuid.uuid4()
 
     def timed(gap: float) -> float:
